@@ -1,0 +1,70 @@
+# Every target installs what it needs into .venv (idempotent: a stamp file
+# records the installed requirements; a second run does not reinstall).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+export PYTHONHASHSEED := 0
+
+DATA ?= data
+DATASET ?= waymo_e2e
+ENGINE ?= ray
+ARGS ?=
+
+.PHONY: venv test demo lint typecheck extract codebook annotate build train rft push bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch first, pinned to the CPU build on this machine; pyproject keeps a loose range.
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	# Waymo's generated protos only (their TensorFlow pins do not fit Python 3.11).
+	$(PY) -m pip install --quiet --no-deps "waymo-open-dataset-tf-2-12-0==1.6.7"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@rm -f $(VENV)/.installed-*
+	@touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests $(ARGS)
+
+demo: venv
+	$(PY) -m pipelines.cli demo --out $(DATA) $(ARGS)
+
+lint: venv
+	$(PY) -m ruff check pipelines tokenizer annotators schemas training tests bench
+
+typecheck: venv
+	$(PY) -m mypy schemas tokenizer
+
+extract: venv
+	$(PY) -m pipelines.cli extract --dataset $(DATASET) --engine $(ENGINE) --out $(DATA) $(ARGS)
+
+codebook: venv
+	$(PY) -m pipelines.cli codebook --data $(DATA) $(ARGS)
+
+annotate: venv
+	$(PY) -m pipelines.cli annotate --dataset $(DATASET) --engine $(ENGINE) --data $(DATA) $(ARGS)
+
+build: venv
+	$(PY) -m pipelines.cli build --data $(DATA) $(ARGS)
+
+train: venv
+	$(PY) -m training.sft $(ARGS)
+
+rft: venv
+	$(PY) -m training.grpo $(ARGS)
+
+push: venv
+	@test -n "$(REPO)" || { echo "usage: make push REPO=org/name" >&2; exit 2; }
+	$(PY) -m pipelines.cli push --repo $(REPO) --data $(DATA) $(ARGS)
+
+bench: venv
+	$(PY) bench/codebook.py
+	$(PY) bench/extract.py
+	$(PY) bench/annotate.py
+
+clean:
+	rm -rf $(DATA) .pytest_cache

@@ -1,0 +1,1 @@
+"""Engine-agnostic stage framework: stages yield rows or outcomes; runners only schedule."""
