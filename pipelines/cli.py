@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name != f"pipelines.commands.{name}":
                 raise
             continue  # command not part of this build
+        before = set(sub.choices)
         module.register(sub)
+        for added in set(sub.choices) - before:  # route each new subcommand to its module's run()
+            if sub.choices[added].get_default("func") is None:
+                sub.choices[added].set_defaults(func=module.run)
     return parser
 
 

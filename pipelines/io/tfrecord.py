@@ -79,7 +79,9 @@ def _read_one(f: BinaryIO, path: str | Path, offset: int, verify: bool) -> bytes
     if not header:
         return None
     if len(header) < HEADER_SIZE:
-        raise TFRecordError(path, offset, f"truncated header ({len(header)} of {HEADER_SIZE} bytes)")
+        raise TFRecordError(
+            path, offset, f"truncated header ({len(header)} of {HEADER_SIZE} bytes)"
+        )
     length, length_crc = _HEADER.unpack(header)
     if verify and masked_crc32c(header[:8]) != length_crc:
         raise TFRecordError(path, offset, "CRC mismatch in the length field (corrupt file?)")
@@ -88,7 +90,9 @@ def _read_one(f: BinaryIO, path: str | Path, offset: int, verify: bool) -> bytes
         raise TFRecordError(path, offset, f"truncated data ({len(data)} of {length} bytes)")
     footer = f.read(FOOTER_SIZE)
     if len(footer) < FOOTER_SIZE:
-        raise TFRecordError(path, offset, f"truncated data CRC ({len(footer)} of {FOOTER_SIZE} bytes)")
+        raise TFRecordError(
+            path, offset, f"truncated data CRC ({len(footer)} of {FOOTER_SIZE} bytes)"
+        )
     if verify and masked_crc32c(data) != _FOOTER.unpack(footer)[0]:
         raise TFRecordError(path, offset, "CRC mismatch in the record data (corrupt file?)")
     return data

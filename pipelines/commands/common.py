@@ -1,0 +1,61 @@
+"""Options shared by the stage commands: engine selection, overrides, summaries."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipelines.core.runner import ENGINES, RunSummary, run_stage
+from pipelines.core.stage import Stage
+
+log = logging.getLogger(__name__)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, default: str = "ray") -> None:
+    """``--engine``, ``--workers`` and ``--beam-options`` (which takes the rest of the line)."""
+    g = parser.add_argument_group("execution")
+    g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=default,
+        help=f"where partitions run: local (this process), ray (local Ray, or the cluster in RAY_ADDRESS), "
+        f"beam (Apache Beam; DirectRunner unless --beam-options says otherwise). Default: {default}",
+    )
+    g.add_argument("--workers", type=int, default=None, help="parallel workers (Ray); default: all CPUs")
+    g.add_argument(
+        "--beam-options",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="Beam pipeline options, e.g. --runner=DataflowRunner --project=P --region=R "
+        "--temp_location=gs://... (must come last on the command line)",
+    )
+
+
+def add_set_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set images.max_pixels=200704 (repeatable)",
+    )
+
+
+def run_with_engine(stage: Stage, out: Path, args: argparse.Namespace, **kwargs) -> RunSummary:
+    """Run ``stage`` with the engine options of ``args`` and log the summary."""
+    return run_stage(
+        stage,
+        out,
+        engine=args.engine,
+        num_workers=getattr(args, "workers", None),
+        beam_options=list(getattr(args, "beam_options", []) or []),
+        **kwargs,
+    )
+
+
+def exit_code(summary: RunSummary) -> int:
+    """0 when every partition finished (failed samples are counted, not fatal); 1 if any crashed."""
+    print(summary.format())
+    return 0 if summary.ok else 1
