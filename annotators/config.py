@@ -8,6 +8,7 @@ The ``rules`` annotator is only used when asked for (``annotator: rules``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 ANNOTATORS = ("vlm", "rules")
 
@@ -22,21 +23,25 @@ class ClipConfig:
 
     def __post_init__(self) -> None:
         if self.frames < 1 or self.hz <= 0:
-            raise ValueError(f"clip needs frames >= 1 and hz > 0, got frames={self.frames} hz={self.hz}")
+            raise ValueError(
+                f"clip needs frames >= 1 and hz > 0, got frames={self.frames} hz={self.hz}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class SelectionConfig:
     """Slow/fast thinking selection (DESIGN.md section 6)."""
 
-    mode: str = "fraction"  # "fraction": top slow_fraction by score; "threshold": score >= threshold
+    # "fraction": the top slow_fraction by score; "threshold": score >= threshold
+    mode: str = "fraction"
     slow_fraction: float = 0.3
     threshold: float = 2.0
     close_distance_m: float = 10.0  # objects nearer than this (centre distance) are "close"
     conflict_distance_m: float = 3.0  # constant-velocity object path within this of the ego future
     conflict_horizon_s: float = 5.0
     curvature_rad: float = 0.35  # |heading change| over the future above this is "high curvature"
-    braking_mps2: float = 2.0  # mean deceleration over any 1 s of the future above this is "braking"
+    # mean deceleration over any 1 s of the future above this is "braking"
+    braking_mps2: float = 2.0
     hard_scenarios: tuple[str, ...] = (
         "construction",
         "intersection",
@@ -61,18 +66,31 @@ class SelectionConfig:
 class PromptConfig:
     template_version: str = "v1"
     clip: ClipConfig = field(default_factory=ClipConfig)
-    # Per-dataset clip overrides; WOD-E2E ships 3 frames at 1 Hz per camera.
-    dataset_clips: dict[str, ClipConfig] = field(
-        default_factory=lambda: {"waymo_e2e": ClipConfig(frames=3, hz=1.0)}
+    # Per-dataset overrides of `clip` fields (plain mappings, as in YAML).
+    # WOD-E2E ships 3 frames at 1 Hz per camera.
+    dataset_clips: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {"waymo_e2e": {"frames": 3, "hz": 1.0}}
     )
     max_objects: int = 8  # grounding facts listed, nearest first
     few_shot: bool = True
 
+    def __post_init__(self) -> None:
+        for name in self.dataset_clips:
+            self.clip_for(name)  # validate now, not in a worker
+
     def clip_for(self, dataset: str) -> ClipConfig:
-        got = self.dataset_clips.get(dataset)
-        if isinstance(got, dict):  # from YAML
-            return ClipConfig(**{k: tuple(v) if k == "cameras" else v for k, v in got.items()})
-        return got or self.clip
+        """The clip settings of ``dataset`` (``clip`` with that dataset's overrides)."""
+        over = self.dataset_clips.get(dataset)
+        if not over:
+            return self.clip
+        unknown = set(over) - {"cameras", "frames", "hz"}
+        if unknown:
+            raise ValueError(f"prompt.dataset_clips.{dataset}: unknown key(s) {sorted(unknown)}")
+        base = {"cameras": self.clip.cameras, "frames": self.clip.frames, "hz": self.clip.hz}
+        base.update(over)
+        return ClipConfig(
+            cameras=tuple(base["cameras"]), frames=int(base["frames"]), hz=float(base["hz"])
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,23 +109,30 @@ class ClientConfig:
     max_tokens: int = 1024
     length_retry_factor: float = 2.0  # finish_reason=length: retry once with max_tokens * this
     max_tokens_cap: int = 4096
-    guided: str = "guided_json"  # "guided_json" (vLLM extra body), "response_format", "both" or "none"
+    # "guided_json" (vLLM extra body), "response_format", "both" or "none"
+    guided: str = "guided_json"
     max_attempts: int = 6  # transient errors (429/5xx/timeout/connection) per request
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
     connect_timeout_s: float = 10.0
     timeout_base_s: float = 30.0  # read timeout = base + max_tokens * per_token
     timeout_per_token_s: float = 0.05
-    latency_tolerance: float = 3.0  # EWMA latency above this x the baseline shrinks the limit (0: off)
+    # EWMA latency above this x the baseline shrinks the limit (0: off)
+    latency_tolerance: float = 3.0
     preflight: bool = True
+    transport: str = "fast"  # "fast" (annotators.transport, ~0.1 ms/request) or "httpx" (httpcore)
 
     def __post_init__(self) -> None:
         if not self.endpoints:
             raise ValueError("client.endpoints must list at least one base URL")
         if self.max_in_flight < 1 or not 1 <= self.min_in_flight <= self.max_in_flight:
             raise ValueError("client needs 1 <= min_in_flight <= max_in_flight")
+        if self.transport not in ("fast", "httpx"):
+            raise ValueError(f"client.transport must be 'fast' or 'httpx', got {self.transport!r}")
         if self.guided not in ("guided_json", "response_format", "both", "none"):
-            raise ValueError(f"client.guided must be guided_json|response_format|both|none, got {self.guided!r}")
+            raise ValueError(
+                f"client.guided must be guided_json|response_format|both|none, got {self.guided!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)

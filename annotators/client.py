@@ -1,0 +1,351 @@
+"""Async OpenAI-compatible chat client: several endpoints, adaptive concurrency, classified retries.
+
+Error classes (DESIGN.md section 6):
+
+* permanent, not retried: 400/413/422 (``ContextTooLong`` when the body says
+  so, else ``BadRequest``), 401/403 (``AuthError``), 404 (``NotFound``);
+* transient, retried up to ``max_attempts`` with jittered exponential backoff
+  (the slot is released while sleeping; ``Retry-After`` honoured): 429
+  (``RateLimited``), 5xx (``ServerError``), timeouts (``Timeout``), connection
+  failures (``ConnectionError``), an unreadable response body
+  (``MalformedResponse``);
+* ``finish_reason=length``: retried once with ``max_tokens * length_retry_factor``
+  (then ``LengthExceeded``);
+* an answer the parser rejects: retried once (then ``MalformedAnswer``).
+
+The API key comes from the environment variable named in the config and only
+ever travels in the ``Authorization`` header; nothing here logs headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib.util
+import logging
+import os
+import random
+import ssl
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import httpx
+
+from annotators.aimd import ERROR, NEUTRAL, OK, OVERLOAD, AIMDDispatcher
+from annotators.config import ClientConfig
+from annotators.parsing import ParseError
+from annotators.request import ChatRequest
+from annotators.transport import FastHTTPTransport
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+KEY_HEADER = "X-Request-Key"  # lets servers and tests correlate requests; carries no secret
+_CONTEXT_HINTS = (
+    "context length",
+    "context_length",
+    "maximum context",
+    "too long",
+    "max_model_len",
+)
+# With client.transport=httpx: httpcore's pool does O(connections^2) work per
+# request (it rescans every connection for each idle one), ~10 ms of CPU per
+# request at 256 connections. Small pools handed out from a free list keep
+# that bounded. The default transport (annotators.transport) needs no sharding.
+CONNECTIONS_PER_POOL = 4
+
+# httpcore tries `import sniffio` for every lock and event it creates; when
+# sniffio is not installed each failed attempt rescans sys.path (~1 ms of CPU
+# per request). A None entry makes the import fail at once, with the same
+# result (httpcore then assumes asyncio).
+if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+    sys.modules["sniffio"] = None  # type: ignore[assignment]
+
+
+class AnnotationError(Exception):
+    """A request that ended without a usable answer; ``error_class`` is the counter key."""
+
+    def __init__(self, error_class: str, message: str, attempts: int = 0) -> None:
+        super().__init__(f"{error_class}: {message}")
+        self.error_class = error_class
+        self.message = message
+        self.attempts = attempts
+
+
+class PreflightError(RuntimeError):
+    """No configured endpoint serves the configured model."""
+
+
+@dataclass
+class Completion:
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    attempts: int
+    server: str
+    max_tokens: int
+
+
+@dataclass
+class ClientStats:
+    ok: int = 0
+    failed: int = 0
+    attempts: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # per attempt, by class
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    value = resp.headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else 0.0
+    except ValueError:
+        return 0.0  # HTTP-date form: fall back to our own backoff
+
+
+def _snippet(resp: httpx.Response) -> str:
+    return " ".join(resp.text[:200].split())
+
+
+class VLMClient:
+    """One client per worker; use as ``async with VLMClient(cfg) as c: await c.complete(req, parse)``."""
+
+    def __init__(
+        self, cfg: ClientConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.cfg = cfg
+        self.urls = tuple(u.rstrip("/") for u in cfg.endpoints)
+        self.dispatcher = AIMDDispatcher(
+            self.urls,
+            max_total=cfg.max_in_flight,
+            min_per_endpoint=cfg.min_in_flight,
+            initial_total=cfg.initial_in_flight or None,
+            latency_tolerance=cfg.latency_tolerance,
+        )
+        self.stats = ClientStats()
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        if transport is None and cfg.transport == "fast":
+            transport = FastHTTPTransport()
+        per_pool = CONNECTIONS_PER_POOL if transport is None else cfg.max_in_flight
+        n_pools = max(1, -(-cfg.max_in_flight // per_pool))
+        limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+        tls = ssl.create_default_context()  # one context for all pools (building one costs ~30 ms)
+        self._pools: dict[str, list[httpx.AsyncClient]] = {}
+        # Free list of pool slots per endpoint: each pool appears per_pool times,
+        # and the dispatcher never has more than max_in_flight requests out.
+        self._free: dict[str, collections.deque[httpx.AsyncClient]] = {}
+        for u in self.urls:
+            pools = [
+                httpx.AsyncClient(
+                    headers=headers, limits=limits, transport=transport, timeout=None, verify=tls
+                )
+                for _ in range(n_pools)
+            ]
+            self._pools[u] = pools
+            self._free[u] = collections.deque(p for _ in range(per_pool) for p in pools)
+        self._rng = random.Random()
+
+    def __repr__(self) -> str:  # no headers: they hold the key
+        return f"VLMClient(endpoints={list(self.urls)}, model={self.cfg.model!r})"
+
+    async def __aenter__(self) -> VLMClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        seen: set[int] = set()
+        for pools in self._pools.values():
+            for c in pools:
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    await c.aclose()
+
+    def timeout(self, max_tokens: int) -> httpx.Timeout:
+        """Read timeout scaled to the completion budget."""
+        read = self.cfg.timeout_base_s + max_tokens * self.cfg.timeout_per_token_s
+        return httpx.Timeout(connect=self.cfg.connect_timeout_s, read=read, write=read, pool=None)
+
+    # ------------------------------------------------------------------ pre-flight
+
+    async def preflight(self) -> dict[str, list[str]]:
+        """Check every endpoint answers ``GET /models`` and serves the model; else raise PreflightError."""
+        served: dict[str, list[str]] = {}
+        problems = []
+        for url in self.urls:
+            try:
+                resp = await self._pools[url][0].get(
+                    f"{url}/models", timeout=self.cfg.connect_timeout_s
+                )
+                resp.raise_for_status()
+                served[url] = [m.get("id", "") for m in resp.json().get("data", [])]
+            except (httpx.HTTPError, ValueError) as exc:
+                problems.append(f"{url}: no answer to GET /models ({type(exc).__name__}: {exc})")
+                continue
+            if self.cfg.model not in served[url]:
+                problems.append(
+                    f"{url}: serves {served[url]}, not the configured model {self.cfg.model!r}"
+                )
+        if problems:
+            raise PreflightError(
+                "annotation pre-flight failed:\n  "
+                + "\n  ".join(problems)
+                + "\nStart an OpenAI-compatible server first, e.g.\n"
+                f"  vllm serve {self.cfg.model} --tensor-parallel-size 8 --port 8000 "
+                "--limit-mm-per-prompt image=16 --max-model-len 32768\n"
+                f"  python -m sglang.launch_server --model-path {self.cfg.model} --tp 8 --port 8000\n"
+                "then pass --endpoint http://HOST:8000/v1 (repeat for several servers) and --model NAME,\n"
+                "or choose the deterministic labels-only annotator with --annotator rules."
+            )
+        return served
+
+    # ------------------------------------------------------------------ one request
+
+    def _backoff(self, n: int, retry_after: float) -> float:
+        base = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (n - 1))
+        return max(retry_after, base * self._rng.uniform(0.5, 1.0))
+
+    async def complete(self, req: ChatRequest, parse: Callable[[str], T]) -> tuple[Completion, T]:
+        """Send ``req`` until it yields an answer ``parse`` accepts; raise AnnotationError otherwise."""
+        cfg = self.cfg
+        attempts = transient = 0
+        max_tokens = req.max_tokens
+        length_retried = parse_retried = False
+        headers = {KEY_HEADER: req.key}
+        while True:
+            ep = await self.dispatcher.acquire()
+            attempts += 1
+            self.stats.attempts += 1
+            outcome, retry_after, err = NEUTRAL, 0.0, None
+            start = time.perf_counter()
+            http = self._free[ep.url].pop()  # LIFO: reuse the warmest connection
+            try:
+                resp = await http.post(
+                    f"{ep.url}/chat/completions",
+                    content=req.body(max_tokens),
+                    headers=headers,
+                    timeout=self.timeout(max_tokens),
+                )
+                latency = time.perf_counter() - start
+                status = resp.status_code
+                if status == 200:
+                    try:
+                        data = resp.json()
+                        choice = data["choices"][0]
+                        content = choice["message"]["content"] or ""
+                        finish = choice.get("finish_reason") or ""
+                        usage = data.get("usage") or {}
+                    except (ValueError, KeyError, IndexError, TypeError) as exc:
+                        outcome, err = (
+                            ERROR,
+                            (
+                                "MalformedResponse",
+                                f"unreadable response body ({exc}): {_snippet(resp)}",
+                            ),
+                        )
+                    else:
+                        outcome = OK
+                elif status in (429, 503):
+                    outcome, retry_after = OVERLOAD, _retry_after(resp)
+                    err = (
+                        "RateLimited" if status == 429 else "ServerError",
+                        f"HTTP {status} from {ep.url}",
+                    )
+                elif status >= 500 or status == 408:
+                    outcome, err = (
+                        ERROR,
+                        ("ServerError", f"HTTP {status} from {ep.url}: {_snippet(resp)}"),
+                    )
+                else:
+                    text = resp.text.lower()
+                    if status in (400, 413, 422) and any(h in text for h in _CONTEXT_HINTS):
+                        cls = "ContextTooLong"
+                    else:
+                        cls = {401: "AuthError", 403: "AuthError", 404: "NotFound"}.get(
+                            status, "BadRequest"
+                        )
+                    self.stats.errors[cls] += 1
+                    self.stats.failed += 1
+                    raise AnnotationError(
+                        cls, f"HTTP {status} from {ep.url}: {_snippet(resp)}", attempts
+                    )
+            except httpx.TimeoutException as exc:
+                outcome, err = (
+                    OVERLOAD,
+                    (
+                        "Timeout",
+                        f"{type(exc).__name__} after {time.perf_counter() - start:.1f} s from {ep.url}",
+                    ),
+                )
+            except httpx.TransportError as exc:
+                outcome, err = (
+                    OVERLOAD,
+                    ("ConnectionError", f"{type(exc).__name__} talking to {ep.url}: {exc}"),
+                )
+            finally:
+                self._free[ep.url].append(http)
+                # Exactly one release per acquire, before any backoff sleep.
+                self.dispatcher.release(
+                    ep, outcome, latency=time.perf_counter() - start, retry_after=retry_after
+                )
+
+            if err is None:
+                if finish == "length":
+                    if not length_retried and max_tokens < cfg.max_tokens_cap:
+                        length_retried = True
+                        max_tokens = min(
+                            cfg.max_tokens_cap, int(max_tokens * cfg.length_retry_factor)
+                        )
+                        self.stats.retries += 1
+                        self.stats.errors["LengthExceeded"] += 1
+                        continue
+                    self.stats.failed += 1
+                    raise AnnotationError(
+                        "LengthExceeded", f"answer cut at max_tokens={max_tokens}", attempts
+                    )
+                try:
+                    parsed = parse(content)
+                except ParseError as exc:
+                    self.stats.errors["MalformedAnswer"] += 1
+                    if not parse_retried:
+                        parse_retried = True
+                        self.stats.retries += 1
+                        continue
+                    self.stats.failed += 1
+                    raise AnnotationError("MalformedAnswer", str(exc), attempts) from None
+                comp = Completion(
+                    content=content,
+                    finish_reason=finish,
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                    latency_s=latency,
+                    attempts=attempts,
+                    server=ep.url,
+                    max_tokens=max_tokens,
+                )
+                self.stats.ok += 1
+                self.stats.prompt_tokens += comp.prompt_tokens
+                self.stats.completion_tokens += comp.completion_tokens
+                return comp, parsed
+
+            cls, msg = err
+            self.stats.errors[cls] += 1
+            transient += 1
+            if transient >= cfg.max_attempts:
+                self.stats.failed += 1
+                raise AnnotationError(cls, f"{msg} (gave up after {attempts} attempts)", attempts)
+            self.stats.retries += 1
+            delay = self._backoff(transient, retry_after)
+            log.debug("request %s: %s, retry %d in %.2f s", req.key[:12], cls, transient, delay)
+            await asyncio.sleep(delay)

@@ -1,0 +1,250 @@
+"""``drivevla annotate``: slow/fast selection and reasoning annotation of one dataset."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from pipelines.commands.common import add_engine_args, add_set_arg, exit_code, run_with_engine
+from pipelines.config import ConfigError, dump_config, load_config
+
+log = logging.getLogger(__name__)
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "annotate.yaml"
+EXTRACT_DIR, TOKENIZE_DIR, ANNOTATE_DIR = "extract", "tokenize", "annotate"
+
+DESCRIPTION = """\
+Choose slow or fast thinking for every sample (complexity score with reasons), then write
+the four-part reasoning (scene, critical objects, ego intent, final action) for the slow
+ones, and write the rows with the annotation columns to DATA/annotate/DATASET/.
+
+Runs extraction first when DATA/extract/DATASET/ is missing, and tokenization when a
+codebook exists in DATA/codebook/ (the annotated rows then carry action_tokens).
+
+Annotators:
+  vlm    (default) a vision-language model behind an OpenAI-compatible server; start one, e.g.
+           vllm serve Qwen/Qwen2.5-VL-72B-Instruct --tensor-parallel-size 8 --port 8000 \\
+             --limit-mm-per-prompt image=16 --max-model-len 32768
+           python -m sglang.launch_server --model-path Qwen/Qwen2.5-VL-72B-Instruct --tp 8 --port 8000
+         and pass --endpoint http://HOST:8000/v1 (repeat for several servers). The API key, if the
+         server needs one, is read from $OPENAI_API_KEY (client.api_key_env) and never logged.
+  rules  deterministic reasoning from labels and trajectories; no server needed. Only used when
+         asked for.
+
+Resumable: every answer is committed to DATA/annotate/DATASET/_cache/ before it counts; a rerun
+sends only requests that are missing or failed, and skips finished input shards.
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "annotate",
+        help="select slow/fast thinking and annotate reasoning with a VLM (or the rules annotator)",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, help="dataset name (waymo_e2e, nuscenes, nuplan)")
+    p.add_argument(
+        "--data", type=Path, required=True, help="data root (holds extract/, codebook/, annotate/)"
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=CONFIG,
+        help="annotation YAML (default: configs/annotate.yaml)",
+    )
+    p.add_argument(
+        "--annotator",
+        choices=("vlm", "rules"),
+        default=None,
+        help="override `annotator` (default from config: vlm)",
+    )
+    p.add_argument("--endpoint", action="append", default=None, metavar="URL",
+                   help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1 (repeatable: load is spread)")  # fmt: skip
+    p.add_argument("--model", default=None, help="served model name (client.model)")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="upper bound on concurrent requests per worker",
+    )
+    p.add_argument(
+        "--slow-fraction",
+        type=float,
+        default=None,
+        help="share of samples given slow thinking (selection.slow_fraction)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="select and render prompts, send nothing, write nothing",
+    )
+    p.add_argument(
+        "--show", type=int, default=3, metavar="N", help="with --dry-run: print N rendered prompts"
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="annotate only the first N samples (shard order)",
+    )
+    p.add_argument(
+        "--input",
+        default=None,
+        help="dataset root for the extraction run (if extraction is needed)",
+    )
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the annotate output (keeps the request cache, so answers are not paid for twice)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_set_arg(p)
+    add_engine_args(p, default="local")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = list(args.overrides)
+    if args.annotator:
+        out.append(f"annotator={args.annotator}")
+    if args.endpoint:
+        out.append("client.endpoints=[" + ",".join(f'"{u}"' for u in args.endpoint) + "]")
+    if args.model:
+        out.append(f'client.model="{args.model}"')
+    if args.max_in_flight is not None:
+        out.append(f"client.max_in_flight={args.max_in_flight}")
+    if args.slow_fraction is not None:
+        out += ["selection.mode=fraction", f"selection.slow_fraction={args.slow_fraction}"]
+    return out
+
+
+def ensure_input(args: argparse.Namespace) -> Path:
+    """The annotate input dir: extract (run if missing), then tokenize if a codebook exists."""
+    from pipelines.core.shards import list_shards
+
+    extract_dir = args.data / EXTRACT_DIR / args.dataset
+    if not list_shards(extract_dir):
+        try:
+            from pipelines.commands.extract import default_config
+            from pipelines.sources.base import ExtractConfig
+            from pipelines.stages.extract import ExtractStage
+        except ImportError as exc:
+            raise RuntimeError(
+                f"{extract_dir} has no shards and the extraction stage is unavailable ({exc})"
+            ) from None
+        log.info("no extracted shards in %s: extracting %s first", extract_dir, args.dataset)
+        overrides = [f"input={args.input}"] if args.input else []
+        cfg = load_config(ExtractConfig, default_config(args.dataset), overrides)
+        extract_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, extract_dir / "config.yaml")
+        summary = run_with_engine(ExtractStage(cfg), extract_dir, args)
+        print(summary.format())
+        if not summary.ok:
+            raise RuntimeError(
+                f"extraction of {args.dataset} did not finish; see the summary above"
+            )
+    codebook = args.data / "codebook"
+    if not codebook.exists():
+        return extract_dir
+    from pipelines.stages.tokenize import TokenizeStage
+
+    tok_dir = args.data / TOKENIZE_DIR / args.dataset
+    summary = run_with_engine(TokenizeStage(extract_dir, codebook), tok_dir, args)
+    print(summary.format())
+    if not summary.ok:
+        raise RuntimeError(f"tokenization of {args.dataset} did not finish; see the summary above")
+    return tok_dir
+
+
+def dry_run(stage, n_show: int, limit: int | None) -> int:  # noqa: ANN001 - AnnotateStage, imported lazily
+    """Print the selection counts and ``n_show`` rendered prompts; no request is sent."""
+    from annotators.prompts import PromptError, build_prompt
+    from annotators.request import request_key
+    from annotators.rules import rules_reasoning
+    from annotators.selection import decide
+    from pipelines.core.shards import iter_rows
+
+    cfg = stage.cfg
+    modes: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    shown = 0
+    for i, row in enumerate(iter_rows(stage.in_dir)):
+        if limit is not None and i >= limit:
+            break
+        mode, why, score = decide(row, cfg.selection, stage.cutoff)
+        modes[mode] += 1
+        reasons.update(r.split(":", 1)[0] for r in why)
+        if shown >= n_show or (mode == "fast" and not cfg.annotate_fast):
+            continue
+        shown += 1
+        print(
+            f"\n##### {row['sample_id']}: {mode} (score {score:.1f}; {', '.join(why) or 'no reasons'})"
+        )
+        try:
+            if cfg.annotator == "rules":
+                print(rules_reasoning(row, cfg.prompt))
+            else:
+                prompt = build_prompt(row, cfg.prompt)
+                print(prompt.render())
+                print(
+                    f"[request key {request_key(prompt, cfg.client)}; {len(prompt.images)} images]"
+                )
+        except PromptError as exc:
+            print(f"cannot build a prompt: {exc}")
+    print(
+        f"\nselection: {dict(modes)}; reasons: {dict(reasons.most_common())}; cutoff {stage.cutoff}"
+    )
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from annotators.client import PreflightError
+    from annotators.config import AnnotateConfig
+    from pipelines.stages.annotate import CACHE_DIR, AnnotateStage
+
+    try:
+        cfg = load_config(AnnotateConfig, args.config, _overrides(args))
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    out = args.data / ANNOTATE_DIR / args.dataset
+    try:
+        in_dir = ensure_input(args)
+        stage = AnnotateStage(in_dir, cfg, out, progress=not args.no_progress, limit=args.limit)
+    except (RuntimeError, FileNotFoundError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 2
+    if args.dry_run:
+        return dry_run(stage, args.show, args.limit)
+    if args.overwrite and out.exists():
+        for child in out.iterdir():
+            if child.name != CACHE_DIR:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")  # holds the key's env var name, never the key
+    try:
+        stage.preflight()  # in the driver, so a missing server is reported before any worker starts
+        summary = run_with_engine(stage, out, args)
+    except PreflightError as exc:
+        log.error("%s", exc)
+        return 2
+    print(annotation_summary(out))
+    return exit_code(summary)
+
+
+def annotation_summary(out: Path) -> str:
+    """Counts by think mode, annotation status and error class over the output shards."""
+    from pipelines.core.shards import iter_rows, list_shards
+
+    if not list_shards(out):
+        return "annotate: no output rows"
+    modes: Counter[str] = Counter()
+    status: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for r in iter_rows(out, columns=["think_mode", "annotation_status", "annotation_error"]):
+        modes[r["think_mode"]] += 1
+        status[r["annotation_status"]] += 1
+        if r["annotation_error"]:
+            errors[r["annotation_error"].split(":", 1)[0]] += 1
+    return f"annotate: think modes {dict(modes)}; status {dict(status)}; errors {dict(errors) or 'none'}"

@@ -1,0 +1,60 @@
+"""``drivevla tokenize``: add ``action_tokens`` to extracted shards with a fitted codebook."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipelines.commands.common import add_engine_args, run_with_engine
+from pipelines.stages.tokenize import TokenizeStage
+from tokenizer.segments import dataset_dirs
+
+log = logging.getLogger(__name__)
+
+TOKENIZE_DIR = "tokenize"  # <data>/tokenize/<dataset>
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "tokenize",
+        help="add action_tokens (codebook ids of the future) to extracted shards",
+        description=(
+            "Encode every extracted sample's future with the action codebook (rollout-aware greedy) and "
+            "write the rows with an added action_tokens column (int16 [10]) to <out>/<dataset>/shards. "
+            "Rows without a future (test split) are dropped with reason no_future (they cannot be tokenized). "
+            "Resumable: finished input shards are skipped on a rerun."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--data", required=True, type=Path, help="data root holding extract/<dataset>/shards"
+    )
+    p.add_argument(
+        "--datasets",
+        nargs="+",
+        default=None,
+        help="datasets to tokenize (default: every extracted one)",
+    )
+    p.add_argument(
+        "--codebook",
+        type=Path,
+        default=None,
+        help="codebook directory or file (default: <data>/codebook)",
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help=f"output root (default: <data>/{TOKENIZE_DIR})"
+    )
+    add_engine_args(p, default="local")
+
+
+def run(args: argparse.Namespace) -> int:
+    codebook = args.codebook or args.data / "codebook"
+    out_root = args.out or args.data / TOKENIZE_DIR
+    rc = 0
+    for name, in_dir in dataset_dirs(args.data, args.datasets).items():
+        stage = TokenizeStage(in_dir, codebook)
+        summary = run_with_engine(stage, out_root / name, args)
+        print(summary.format())
+        rc = rc or (0 if summary.ok else 1)
+    return rc

@@ -1,0 +1,181 @@
+"""Annotate stage: think-mode selection plus reasoning for every sample (DESIGN.md section 6).
+
+Input: one dataset's extracted (or tokenized) shards, one partition per input
+shard. Output: the same rows with the annotation columns of
+:mod:`annotators.schema`. Every row is written: fast rows with status
+``skipped_fast``, slow rows ``ok`` or ``failed`` with ``annotation_error``
+(the filter and build stages decide what a failure means for training).
+
+Parallelism: each worker (a process locally, a Ray actor with ``--engine
+ray``) makes one event loop and one :class:`~annotators.client.VLMClient` in
+:meth:`AnnotateStage.setup` and runs a partition's requests concurrently in
+that loop. Resume: results are committed to an append-only cache per
+partition (``<cache_dir>/<partition>/``) before they count, so a rerun after a
+crash re-sends only what is missing; finished partitions are skipped by the
+runner's completion markers.
+
+With ``selection.mode: fraction`` the slow/fast cutoff is fitted once over the
+label columns of every input shard (no images) when the stage is built, so
+the decision is the same whatever the partitioning or engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from annotators.client import VLMClient
+from annotators.config import AnnotateConfig
+from annotators.runner import PartitionAnnotator
+from annotators.schema import annotation_schema
+from annotators.selection import SELECTION_COLUMNS, Cutoff, fit_cutoff, score_complexity
+from pipelines.config import to_dict
+from pipelines.core.shards import list_shards
+from pipelines.core.stage import Drop, Outcome, Partition, Stage
+
+log = logging.getLogger(__name__)
+CACHE_DIR = "_cache"
+
+
+def fit_stage_cutoff(in_dir: Path, cfg: AnnotateConfig) -> Cutoff:
+    """The slow/fast cutoff over every input shard (label columns only)."""
+    if cfg.selection.mode == "threshold":
+        return fit_cutoff((), cfg.selection)
+    scored = []
+    for shard in list_shards(in_dir):
+        names = set(pq.read_schema(shard).names)
+        cols = [c for c in (*SELECTION_COLUMNS, cfg.selection.scenario_column) if c in names]
+        for row in pq.read_table(shard, columns=cols).to_pylist():
+            scored.append((row["sample_id"], score_complexity(row, cfg.selection).score))
+    return fit_cutoff(scored, cfg.selection)
+
+
+class AnnotateStage(Stage):
+    """Select slow/fast thinking and annotate reasoning, one input shard per partition."""
+
+    name = "annotate"
+
+    def __init__(
+        self,
+        in_dir: str | Path,
+        cfg: AnnotateConfig,
+        out_dir: str | Path,
+        progress: bool = True,
+        limit: int | None = None,
+    ) -> None:
+        self.in_dir = Path(in_dir)
+        self.cfg = cfg
+        self.limit = (
+            limit  # only the first `limit` rows (shard order); the rest are dropped "beyond_limit"
+        )
+        shards = list_shards(self.in_dir)
+        if not shards:
+            raise FileNotFoundError(
+                f"no shards under {self.in_dir / 'shards'} to annotate; run `drivevla extract` first"
+            )
+        self.output_schema = annotation_schema(pq.read_schema(shards[0]))
+        self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(out_dir) / CACHE_DIR
+        self.cutoff = fit_stage_cutoff(self.in_dir, cfg)
+        self.progress = progress
+        self.totals: Counter[str] = Counter()  # local engine only (workers elsewhere log their own)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: VLMClient | None = None
+
+    def config_dict(self) -> dict[str, Any]:
+        d = to_dict(self.cfg)
+        # Where and how requests are sent does not change the output; the model and prompt do.
+        client = {
+            k: v
+            for k, v in d["client"].items()
+            if k in ("model", "model_revision", "temperature", "top_p", "max_tokens", "guided")
+        }
+        return {
+            "in_dir": str(self.in_dir),
+            "limit": self.limit,
+            "annotator": d["annotator"],
+            "annotate_fast": d["annotate_fast"],
+            "selection": d["selection"],
+            "cutoff": [self.cutoff.score, self.cutoff.tiebreak],
+            "prompt": d["prompt"],
+            "client": client if self.cfg.annotator == "vlm" else {},
+        }
+
+    def partitions(self) -> list[Partition]:
+        parts = []
+        left = self.limit
+        for p in list_shards(self.in_dir):
+            n = pq.ParquetFile(p).metadata.num_rows
+            take = n if left is None else max(0, min(n, left))
+            if left is not None:
+                left -= take
+            parts.append(Partition(p.stem, {"shard": str(p), "take": take}))
+        return parts
+
+    def preflight(self) -> None:
+        """Fail fast (PreflightError with instructions) unless every endpoint serves the model."""
+        if self.cfg.annotator == "vlm" and self.cfg.client.preflight:
+
+            async def check() -> None:
+                async with VLMClient(self.cfg.client) as client:
+                    await client.preflight()
+
+            asyncio.run(check())
+
+    def __getstate__(self) -> dict[str, Any]:  # shipped to workers without live resources
+        state = dict(self.__dict__)
+        state["_loop"] = state["_client"] = None
+        return state
+
+    def setup(self) -> None:
+        if self.cfg.annotator != "vlm":
+            return
+        self._loop = asyncio.new_event_loop()
+        self._client = VLMClient(self.cfg.client)
+        if self.cfg.client.preflight:
+            self._loop.run_until_complete(self._client.preflight())
+
+    def teardown(self) -> None:
+        if self._loop is not None:
+            if self._client is not None:
+                self._loop.run_until_complete(self._client.aclose())
+            self._loop.close()
+        self._loop = self._client = None
+
+    def process(self, partition: Partition) -> Iterator[Outcome]:
+        shard = Path(partition.payload["shard"])
+        rows = pq.read_table(shard).to_pylist()
+        take = int(partition.payload.get("take", len(rows)))
+        for row in rows[take:]:
+            yield Drop(row["sample_id"], "beyond_limit", str(shard))
+        rows = rows[:take]
+        annotator = PartitionAnnotator(self.cfg, self.cutoff)
+        bar = None
+        if self.progress and self.cfg.annotator == "vlm":
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=0, desc=f"annotate {partition.id}", unit="req", leave=False)
+        loop = self._loop or asyncio.new_event_loop()
+        try:
+            anns, report = loop.run_until_complete(
+                annotator.annotate(rows, self._client, self.cache_root / partition.id, bar)
+            )
+        finally:
+            if bar is not None:
+                bar.close()
+            if loop is not self._loop:
+                loop.close()
+        self.totals.update(report.status)
+        self.totals.update({f"error:{k}": v for k, v in report.errors.items()})
+        log.info(
+            "annotate %s: %s; %d from cache, %d sent; errors %s",
+            partition.id, dict(report.status), report.cached, report.sent, dict(report.errors) or "none",
+        )  # fmt: skip
+        for row, ann in zip(rows, anns, strict=True):
+            row.update(ann)
+            yield row

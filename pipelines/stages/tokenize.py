@@ -1,0 +1,129 @@
+"""Tokenize stage: add ``action_tokens`` (int16 [10]) to extracted samples.
+
+Input: one dataset's extracted shards (``<data>/extract/<dataset>/``), one
+partition per input shard. Output: the same rows and columns plus
+``action_tokens`` (codebook ids of the future, rollout-aware greedy).
+
+A row without a future (test split) cannot be tokenized: it is dropped with
+reason ``no_future`` rather than written with a null ``action_tokens``,
+because pyarrow (<= 25) cannot read back a Parquet column of nullable
+fixed-size lists that holds nulls (apache/arrow GH-35692: "Expected all lists
+to be of size=10 but index i had size=0"), so one null would make the whole
+shard unreadable downstream. No later stage can use such a row anyway (the
+annotator needs the future's meta-action; the build drops rows without
+tokens). A row whose future is malformed (wrong length, NaN) fails with
+``invalid_future``.
+
+The whole shard's futures are encoded in one batch (vectorised); the codebook
+is loaded once per worker in :meth:`TokenizeStage.setup`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.core.shards import list_shards
+from pipelines.core.stage import Drop, Fail, Outcome, Partition, Stage
+from schemas.sample import ACTION_TOKENS_FIELD, FUTURE_STEPS, schema_with
+from tokenizer.codebook import codebook_paths, load_codebook
+from tokenizer.tokenizer import ActionTokenizer
+
+log = logging.getLogger(__name__)
+
+NO_FUTURE = "no_future"
+INVALID_FUTURE = "invalid_future"
+
+
+class TokenizeStage(Stage):
+    """Encode every row's future with a codebook; rows keep all their columns."""
+
+    name = "tokenize"
+
+    def __init__(self, in_dir: str | Path, codebook: str | Path) -> None:
+        self.in_dir = Path(in_dir)
+        self.codebook_path = Path(codebook)
+        shards = list_shards(self.in_dir)
+        if not shards:
+            raise FileNotFoundError(
+                f"no shards under {self.in_dir / 'shards'} to tokenize; run `drivevla extract` first"
+            )
+        base = pq.read_schema(shards[0])
+        self.output_schema = schema_with(ACTION_TOKENS_FIELD, base=base)
+        st_path, _ = codebook_paths(self.codebook_path)
+        # a changed codebook must not mix with tokens of the old one in one output
+        load_codebook(self.codebook_path)  # fail now, not in a worker, if it is invalid
+        self._codebook_sha = hashlib.sha256(st_path.read_bytes()).hexdigest()
+        self._tokenizer: ActionTokenizer | None = None
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"in_dir": str(self.in_dir), "codebook_sha256": self._codebook_sha}
+
+    def partitions(self) -> list[Partition]:
+        return [Partition(p.stem, {"shard": str(p)}) for p in list_shards(self.in_dir)]
+
+    def setup(self) -> None:
+        self._tokenizer = ActionTokenizer(load_codebook(self.codebook_path), workers=1)
+
+    def teardown(self) -> None:
+        self._tokenizer = None
+
+    def process(self, partition: Partition) -> Iterator[Outcome]:
+        if self._tokenizer is None:
+            self.setup()
+        assert self._tokenizer is not None
+        path = partition.payload["shard"]
+        table = pq.read_table(path)
+        tokens, bad = encode_column(self._tokenizer, table.column("future"))
+        rows = table.to_pylist()
+        for i, row in enumerate(rows):
+            if i in bad:
+                yield Fail(row.get("sample_id"), INVALID_FUTURE, bad[i], path)
+            elif tokens[i] is None:
+                yield Drop(row["sample_id"], NO_FUTURE, path)
+            else:
+                row[ACTION_TOKENS_FIELD.name] = tokens[i]
+                yield row
+
+
+def encode_column(
+    tokenizer: ActionTokenizer, column: pa.ChunkedArray
+) -> tuple[list[list[int] | None], dict[int, str]]:
+    """Token ids per row of a ``future`` column (None where null) and the rows that cannot be encoded."""
+    arr = column.combine_chunks()
+    n = len(arr)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    lengths = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+    bad: dict[int, str] = {}
+    for i in np.flatnonzero(valid & (lengths != FUTURE_STEPS)):
+        bad[int(i)] = f"future has {int(lengths[i])} poses, expected {FUTURE_STEPS}"
+    ok = valid & (lengths == FUTURE_STEPS)
+    out: list[list[int] | None] = [None] * n
+    if not ok.any():
+        return out, bad
+    sub = arr.filter(pa.array(ok))
+    fut = (
+        sub.flatten()
+        .flatten()
+        .to_numpy(zero_copy_only=False)
+        .astype(np.float64)
+        .reshape(-1, FUTURE_STEPS, 3)
+    )
+    rows = np.flatnonzero(ok)
+    finite = np.isfinite(fut).all(axis=(1, 2))
+    for i in rows[~finite]:
+        bad[int(i)] = "future holds NaN/inf values"
+    if finite.any():
+        ids = tokenizer.encode(fut[finite]).astype(np.int16)
+        for r, t in zip(rows[finite], ids.tolist(), strict=True):
+            out[int(r)] = t
+    return out, bad
+

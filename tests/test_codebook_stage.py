@@ -1,0 +1,104 @@
+"""``drivevla codebook`` and ``drivevla tokenize`` on extracted-style shards; the tokenize stage."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import main
+from pipelines.core.runner import run_stage
+from pipelines.core.shards import read_table
+from pipelines.stages.tokenize import INVALID_FUTURE, NO_FUTURE, TokenizeStage
+from schemas.sample import ACTION_TOKENS_FIELD
+from tokenizer import ActionTokenizer, load_codebook
+from tokenizer.synthetic import simulate_futures
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("split", pa.string()),
+        ("future", pa.list_(pa.list_(pa.float32(), 3))),
+        ("jpeg", pa.binary()),  # stands in for the camera columns: carried through untouched
+    ]
+)
+
+
+def write_extract(root, dataset: str, n: int, seed: int, nulls: int = 0, nan_rows: int = 0, shards: int = 3) -> None:
+    d = root / "extract" / dataset / "shards"
+    d.mkdir(parents=True)
+    fut = simulate_futures(n, seed=seed).tolist()
+    for i in range(nan_rows):
+        fut[i][3][1] = float("nan")
+    rows = [
+        {"sample_id": f"{dataset}/s{i // 10}/{i}", "split": "train", "future": f, "jpeg": bytes([i % 256])}
+        for i, f in enumerate(fut)
+    ]
+    rows += [
+        {"sample_id": f"{dataset}/t/{i}", "split": "test", "future": None, "jpeg": b"\x00"} for i in range(nulls)
+    ]
+    per = (len(rows) + shards - 1) // shards
+    for s in range(shards):
+        pq.write_table(pa.Table.from_pylist(rows[s * per : (s + 1) * per], schema=SCHEMA), d / f"p{s}-00000.parquet")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_extract(root, "waymo_e2e", 400, seed=1, nulls=6)
+    write_extract(root, "nuscenes", 200, seed=2)
+    rc = main(["codebook", "--data", str(root), "--k", "256", "--mix", "waymo_e2e=2,nuscenes=1",
+               "--set", "heldout_fraction=0.1"])  # fmt: skip
+    assert rc == 0
+    return root
+
+
+def test_codebook_command_writes_codebook_and_report(data) -> None:
+    out = data / "codebook"
+    cb = load_codebook(out)
+    assert cb.k == 256 and cb.meta.mix == {"nuscenes": 1.0, "waymo_e2e": 2.0}
+    report = json.loads((out / "report.json").read_text())
+    assert report["fit"]["null_futures"]["waymo_e2e"] == 6
+    assert {"nuscenes", "waymo_e2e"} <= set(report["heldout"])
+    assert len(report["usage"]["histogram"]) == 256
+    assert (out / "tokens.png").stat().st_size > 1000
+
+
+def test_codebook_command_rejects_bad_options(data, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["codebook", "--data", str(data), "--mix", "waymo_e2e"])
+    assert main(["codebook", "--data", str(data), "--set", "nonsense=1", "--out", str(data / "x")]) == 2
+    with pytest.raises(FileNotFoundError, match="carla"):
+        main(["codebook", "--data", str(data), "--datasets", "carla", "--out", str(data / "y")])
+
+
+def test_tokenize_command_adds_tokens_and_resumes(data, capsys) -> None:
+    assert main(["tokenize", "--data", str(data), "--engine", "local"]) == 0
+    out = data / "tokenize" / "waymo_e2e"
+    table = read_table(out)  # readable: no null fixed-size lists (apache/arrow GH-35692)
+    assert table.schema.field("action_tokens").type == ACTION_TOKENS_FIELD.type
+    assert table.num_rows == 400 and table.column("jpeg").null_count == 0
+    assert table.column("action_tokens").null_count == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["totals"]["dropped"] == {NO_FUTURE: 6} and manifest["totals"]["seen"] == 406
+    rows = table.to_pylist()
+    tok = ActionTokenizer(load_codebook(data / "codebook"))
+    np.testing.assert_array_equal(
+        np.array([r["action_tokens"] for r in rows]), tok.encode(np.array([r["future"] for r in rows]))
+    )
+    assert f"dropped  {NO_FUTURE}" in capsys.readouterr().out
+    # a rerun skips every finished partition
+    stage = TokenizeStage(data / "extract" / "waymo_e2e", data / "codebook")
+    summary = run_stage(stage, out, engine="local", progress=False)
+    assert all(p.skipped for p in summary.partitions) and summary.written == 400
+
+
+def test_tokenize_stage_fails_bad_futures(data, tmp_path) -> None:
+    write_extract(tmp_path, "nuscenes", 30, seed=3, nan_rows=2, shards=1)
+    stage = TokenizeStage(tmp_path / "extract" / "nuscenes", data / "codebook")
+    summary = run_stage(stage, tmp_path / "out", engine="local", progress=False)
+    assert summary.written == 28 and summary.failed == {INVALID_FUTURE: 2}
+    assert summary.seen == 30

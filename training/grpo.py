@@ -1,0 +1,457 @@
+"""GRPO reinforcement fine-tuning of the driving VLA (AutoVLA's RFT stage).
+
+Launch::
+
+    python -m training.grpo --config configs/train/rft_tiny.yaml [--set key.sub=value ...]   # = make rft
+    torchrun --nproc-per-node 8 -m training.grpo --config configs/train/rft_3b.yaml
+
+Per step, for the scenes of this rank (``data.scenes_per_step`` over all ranks):
+
+1. rollouts: G completions per scene (``rollout.num_generations``, independent
+   of the GPU count), dropout off, per-sample seeds (training/rollout.py);
+2. rewards: parsed, decoded with the codebook and scored on CPU workers
+   (training/rewards/); failed rewards are excluded and counted, never 0;
+3. advantages per scene group; groups without spread are dropped (counted);
+4. ``loss.num_iterations`` clipped policy updates over micro-batches with the
+   token-level normalised loss (training/grpo_loss.py); KL to the reference
+   = the same model with the LoRA adapter disabled (no second copy).
+
+Shortcuts taken, on purpose: the vision tower runs once per sequence (not
+once per scene) in the update passes; groups stay on one rank, so advantages
+need no communication; a rank with fewer micro-batches than another runs
+zero-weight passes so DDP/FSDP2 collectives line up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from annotators.training_prompt import CAMERAS_FOR_MODEL
+from pipelines.config import dump_config, load_config
+from training.grpo_loss import LossConfig, group_advantages, grpo_loss
+from training.model import LORA_TARGETS, ModelConfig, load_model, read_num_action_tokens
+from training.rewards import RewardRunner, RewardsConfig
+from training.rewards.base import Completion
+from training.rollout import (
+    ActionDecoder,
+    HFGenerateBackend,
+    RolloutConfig,
+    collate_sequences,
+    completion_logprobs,
+    sample_seed,
+    to_completion,
+)
+from training.sft import autocast_ctx, init_distributed, parallel_mode, wrap_model
+
+log = logging.getLogger("training.grpo")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class RFTDataConfig:
+    train_files: str = "data/build/train-*.parquet"  # glob(s), comma separated
+    codebook_dir: str = "data/codebook"  # codebook.safetensors + codebook.json (K)
+    cameras: tuple[str, ...] = CAMERAS_FOR_MODEL
+    scenes_per_step: int = 8  # over all ranks; each scene yields rollout.num_generations completions
+    check_stored_messages: bool = True
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class RFTOptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.99)
+    warmup_steps: int = 0  # linear warmup, then constant
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class RFTConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(lora=True))
+    data: RFTDataConfig = field(default_factory=RFTDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    optim: RFTOptimConfig = field(default_factory=RFTOptimConfig)
+    out_dir: str = "out/rft"
+    max_steps: int = 200
+    micro_batch_size: int = 4  # sequences per forward/backward
+    seed: int = 0
+    precision: str = "bf16"  # bf16 (autocast, or FSDP2 mixed precision) | fp32 (use on CPU)
+    parallel: str = "auto"  # auto (torchrun: ddp with LoRA, else fsdp) | ddp | fsdp | none
+    disable_dropout: bool = True  # also in the update passes, so ratios compare like with like
+    save_every: int = 50
+    keep_last: int = 3
+    log_every: int = 1
+    resume: str = "auto"  # auto (latest in out_dir) | none | <checkpoint dir>
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("bf16", "fp32") or self.parallel not in ("auto", "ddp", "fsdp", "none"):
+            raise ValueError("precision must be bf16|fp32 and parallel auto|ddp|fsdp|none")
+        if self.micro_batch_size < 1 or self.data.scenes_per_step < 1:
+            raise ValueError("micro_batch_size and data.scenes_per_step must be >= 1")
+        if self.loss.kl_beta > 0 and not self.model.lora:
+            raise ValueError(
+                "loss.kl_beta > 0 needs model.lora=true: the reference policy is the model with its "
+                "adapter disabled (no second copy is loaded); set loss.kl_beta=0 for full-parameter RFT"
+            )
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class Dist:
+    """Rank, world size and parallel mode (from training.sft's torchrun setup)."""
+
+    rank: int = 0
+    world: int = 1
+    mode: str = "none"  # none | ddp | fsdp
+
+    def all_sum(self, values: Sequence[float], device: Any) -> list[float]:
+        t = torch.tensor(list(values), dtype=torch.float64, device=device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def apply_rft_lora(model: Any, cfg: ModelConfig) -> Any:
+    """LoRA on the language model's projections only.
+
+    Unlike SFT's LoRA (training.model.apply_lora) the embeddings and LM head
+    stay frozen: the action tokens were learned in SFT, and disabling the
+    adapter must give back exactly the SFT policy as the KL reference.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")",
+    )
+    return get_peft_model(model, lcfg)
+
+
+def load_policy(cfg: RFTConfig, num_action_tokens: int, device: torch.device) -> tuple[Any, Any]:
+    """The SFT model (merging an SFT LoRA checkpoint first) plus a fresh RFT LoRA when ``model.lora``."""
+    path = Path(cfg.model.path)
+    base_cfg = replace(cfg.model, lora=False)
+    if (path / "adapter_config.json").is_file():  # an SFT LoRA checkpoint: base + adapter, merged
+        from peft import PeftModel
+
+        base = (path / "base_model.txt").read_text().strip() if (path / "base_model.txt").is_file() else ""
+        if not base:
+            raise FileNotFoundError(f"LoRA checkpoint {path} has no base_model.txt naming its base model")
+        model, processor, _ = load_model(replace(base_cfg, path=base), num_action_tokens)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    else:
+        model, processor, _ = load_model(base_cfg, num_action_tokens)
+    if cfg.disable_dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    if cfg.model.lora:
+        model = apply_rft_lora(model, replace(cfg.model, lora_dropout=0.0) if cfg.disable_dropout else cfg.model)
+    return model.to(device), processor
+
+
+def _inner(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+def reference_context(model: Any) -> contextlib.AbstractContextManager:
+    """The reference policy: the same weights with the LoRA adapter disabled."""
+    inner = _inner(model)
+    if not hasattr(inner, "disable_adapter"):
+        raise ValueError("loss.kl_beta > 0 needs model.lora=true (the reference is the model without the adapter)")
+    return inner.disable_adapter()
+
+
+# --------------------------------------------------------------------------- one step
+
+
+ScoreFn = Callable[[Sequence[Mapping[str, Any]], Sequence[Completion]], Any]
+
+
+@dataclass
+class Trainer:
+    """Everything one GRPO step needs; ``step()`` is the algorithm."""
+
+    cfg: RFTConfig
+    model: Any
+    tokenizer: Any
+    decoder: ActionDecoder
+    score: ScoreFn  # (rows, completions) -> RewardResult-like (total, components, failed, failures)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    dist: Dist = field(default_factory=Dist)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        synced = self.dist.mode == "fsdp" and self.dist.world > 1
+        self.backend = HFGenerateBackend(self.model, self.tokenizer, self.cfg.rollout, self.device, synced)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast_ctx(self.cfg, self.dist.mode, self.device)  # type: ignore[arg-type]
+
+    def step(self, step: int, rows: Sequence[Mapping[str, Any]], examples: Sequence[Mapping[str, Any]],
+             scene_ids: Sequence[int]) -> dict[str, float]:
+        cfg, G = self.cfg, self.cfg.rollout.num_generations
+        t0 = time.perf_counter()
+        seeds = [[sample_seed(cfg.seed, step, int(s), g) for g in range(G)] for s in scene_ids]
+        with self.autocast():
+            gens = self.backend.generate(rows, examples, seeds)
+        t_gen = time.perf_counter() - t0
+        flat = [(i, g) for i in range(len(rows)) for g in gens[i]]
+        comps = [to_completion(g, self.decoder) for _, g in flat]
+        res = self.score([rows[i] for i, _ in flat], comps)
+        t_rew = time.perf_counter() - t0 - t_gen
+        adv = group_advantages(res.total, G, scale_by_std=cfg.loss.scale_by_std, eps=cfg.loss.eps)
+        truncated = np.array([g.truncated for _, g in flat])
+        train = adv.valid & ~(truncated & cfg.loss.mask_truncated)
+        upd = self.update([examples[i] for i, _ in flat], [g.token_ids for _, g in flat], adv.advantages, train)
+        m = self.metrics(res, comps, adv, train, truncated)
+        m.update(upd, time_generate=t_gen, time_reward=t_rew, time_step=time.perf_counter() - t0)
+        return m
+
+    # ------------------------------------------------------------------ update
+    def _micro_batches(self, keep: np.ndarray) -> list[tuple[list[int], float]]:
+        """Micro-batches of the sequences to train on, padded with zero-weight ones to the global count."""
+        idx = np.flatnonzero(keep).tolist()
+        mbs = [(idx[s : s + self.cfg.micro_batch_size], 1.0) for s in range(0, len(idx), self.cfg.micro_batch_size)]
+        most = len(mbs)
+        if self.dist.world > 1:
+            t = torch.tensor([most], device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            most = int(t.item())
+        filler = idx[:1] or [0]  # any sequence, weighted 0, keeps the collectives in step
+        return mbs + [(filler, 0.0)] * (most - len(mbs))
+
+    def _logprobs(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with self.autocast():
+            return completion_logprobs(self.model, batch, self.cfg.rollout.temperature, self.backend.banned_ids)
+
+    def update(self, examples: Sequence[Mapping[str, Any]], completions: Sequence[np.ndarray],
+               advantages: np.ndarray, keep: np.ndarray) -> dict[str, float]:
+        cfg = self.cfg
+        mbs = self._micro_batches(keep)
+        batches = []
+        for ids, w in mbs:
+            b = collate_sequences([examples[i] for i in ids], [completions[i] for i in ids], self.pad_id)
+            b = {k: v.to(self.device) for k, v in b.items()}
+            b["completion_mask"] = b["completion_mask"] * w
+            b["advantages"] = torch.tensor(advantages[ids], dtype=torch.float32, device=self.device)
+            batches.append(b)
+        tokens = self.dist.all_sum([float(sum(b["completion_mask"].sum().item() for b in batches))], self.device)[0]
+        out = {"loss": 0.0, "grad_norm": 0.0, "tokens_trained": tokens}
+        if tokens == 0:  # every group dropped on every rank: nothing to learn from this batch
+            return out
+        self.model.train()
+        with torch.no_grad():
+            for b in batches:
+                if cfg.loss.num_iterations > 1:  # the policy that sampled, before any update
+                    b["old_logp"] = self._logprobs(b).float()
+                if cfg.loss.kl_beta > 0:
+                    with reference_context(self.model):
+                        b["ref_logp"] = self._logprobs(b).float()
+        sums = {"kl_sum": 0.0, "clip_low_sum": 0.0, "clip_high_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0}
+        for _ in range(cfg.loss.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for j, b in enumerate(batches):
+                sync = j == len(batches) - 1 or self.dist.mode != "ddp"
+                ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+                with ctx:
+                    logp = self._logprobs(b).float()
+                    old = b.get("old_logp", logp.detach())
+                    loss, st = grpo_loss(logp, old, b["advantages"], b["completion_mask"], cfg.loss,
+                                         ref_logp=b.get("ref_logp"), num_tokens=tokens)
+                    # DDP/FSDP average gradients over ranks; the loss is normalised by the global count
+                    (loss * self.dist.world).backward()
+                out["loss"] += float(loss.item())
+                for k, v in st.items():
+                    sums[k] += float(v.item())
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+            self.optimizer.step()
+            self.scheduler.step()
+        tot = self.dist.all_sum([sums[k] for k in sums], self.device)
+        sums = dict(zip(sums, tot, strict=True))
+        n = max(sums["tokens"], 1.0)
+        out["loss"] = self.dist.all_sum([out["loss"]], self.device)[0] / cfg.loss.num_iterations
+        out.update(clip_low_frac=sums["clip_low_sum"] / n, clip_high_frac=sums["clip_high_sum"] / n,
+                   ratio_mean=sums["ratio_sum"] / n, lr=self.scheduler.get_last_lr()[0])
+        if cfg.loss.kl_beta > 0:
+            out["kl"] = sums["kl_sum"] / n
+        return out
+
+    # ------------------------------------------------------------------ metrics
+    def metrics(self, res: Any, comps: Sequence[Completion], adv: Any, train: np.ndarray,
+                truncated: np.ndarray) -> dict[str, float]:
+        """Per-step figures summed over ranks: reward components, format, slow share, lengths, drops."""
+        names = sorted(res.components)
+        n = len(comps)
+        vals = [float(n)]
+        for k in names:  # components are NaN where not applicable: mean over applicable items
+            v = np.asarray(res.components[k], dtype=np.float64)
+            vals += [float(np.nansum(v)), float((~np.isnan(v)).sum())]
+        total = np.asarray(res.total, dtype=np.float64)
+        vals += [float(np.nansum(total)), float((~np.isnan(total)).sum()), float(res.failed.sum()),
+                 float(sum(c.is_slow for c in comps)), float(sum(c.format_error is None for c in comps)),
+                 float(sum(c.num_tokens for c in comps)), float(truncated.sum()), float(adv.dropped_groups),
+                 float(adv.num_groups), float(train.sum())]
+        tot = self.dist.all_sum(vals, self.device)
+        n = tot[0]
+        out = {}
+        for j, k in enumerate(names):
+            out[f"reward/{k}"] = tot[1 + 2 * j] / max(tot[2 + 2 * j], 1.0)
+        rest = tot[1 + 2 * len(names) :]
+        out.update({
+            "reward/total": rest[0] / max(rest[1], 1.0),
+            "reward_failed": rest[2],
+            "slow_share": rest[3] / n,
+            "format_ok_share": rest[4] / n,
+            "completion_tokens_mean": rest[5] / n,
+            "truncated_share": rest[6] / n,
+            "dropped_groups": rest[7],
+            "groups": rest[8],
+            "sequences_trained": rest[9],
+        })
+        return out
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def build_optimizer(model: Any, cfg: RFTOptimConfig) -> tuple[torch.optim.Optimizer, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    warm = max(cfg.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
+def train(cfg: RFTConfig) -> dict[str, float]:
+    """Run GRPO per ``cfg``; returns the last step's metrics."""
+    from training.checkpoint import (
+        latest_checkpoint,
+        load_adapter,
+        load_train_state,
+        restore_optimizer,
+        save_checkpoint,
+    )
+    from training.data import BuiltRows, LengthGroupedBatchSampler, ShardIndex
+
+    rank, world, device = init_distributed()
+    dist = Dist(rank, world, parallel_mode(cfg, world))  # type: ignore[arg-type]
+    torch.manual_seed(cfg.seed)
+    k = cfg.model.num_action_tokens or read_num_action_tokens(cfg.data.codebook_dir)
+    decoder = ActionDecoder.from_codebook(cfg.data.codebook_dir)
+    if decoder.num_tokens != k:
+        raise ValueError(f"codebook {cfg.data.codebook_dir} has {decoder.num_tokens} tokens, the model {k}")
+    model, processor = load_policy(cfg, k, device)
+    model = wrap_model(model, dist.mode, cfg, device)  # type: ignore[arg-type]
+    optimizer, scheduler = build_optimizer(model, cfg.optim)
+
+    index = ShardIndex.from_glob(cfg.data.train_files)
+    rows = BuiltRows(index, processor, num_action_tokens=k, cameras=cfg.data.cameras, with_target=False,
+                     check_stored_messages=cfg.data.check_stored_messages)
+    per_rank = max(1, cfg.data.scenes_per_step // dist.world)
+    sampler = LengthGroupedBatchSampler(index, per_rank, rank=dist.rank, world_size=dist.world, group_size=1,
+                                        shuffle=cfg.data.shuffle, seed=cfg.seed)
+    if len(sampler) == 0:
+        raise ValueError(f"{len(index)} rows in {cfg.data.train_files} do not fill one step of {per_rank} scenes/rank")
+
+    start, epoch, batch_pos, failures = 0, 0, 0, {}
+    ckpt = None if cfg.resume == "none" else (latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else Path(cfg.resume))
+    if ckpt is not None:
+        state = load_train_state(ckpt)
+        if cfg.model.lora:
+            load_adapter(_inner(model), ckpt)
+        else:
+            from safetensors.torch import load_file
+
+            _inner(model).load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")), strict=False)
+        restore_optimizer(model, optimizer, scheduler, state)
+        start, epoch, batch_pos = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        failures = dict(json.loads(state.get("reward_failures", "{}")))
+        log.info("resumed from %s at step %d", ckpt, start)
+
+    runner = RewardRunner(cfg.rewards)
+    runner.failures_total.update(failures)
+    trainer = Trainer(cfg, model, processor.tokenizer, decoder, runner.score, optimizer, scheduler, dist, device)
+    out = Path(cfg.out_dir)
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "rft_config.yaml")
+    metrics: dict[str, float] = {}
+    sampler.set_epoch(epoch, batch_pos)
+    it = iter(sampler)
+    try:
+        for step in range(start, cfg.max_steps):
+            idx = next(it, None)
+            if idx is None:
+                epoch, batch_pos = epoch + 1, 0
+                sampler.set_epoch(epoch)
+                it = iter(sampler)
+                idx = next(it)
+            batch_pos += 1
+            examples = [rows[i] for i in idx]
+            metrics = trainer.step(step, [e["meta"] for e in examples], examples, idx)
+            metrics["step"] = step + 1
+            if dist.rank == 0 and (step + 1) % cfg.log_every == 0:
+                log.info("step %d %s", step + 1, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
+                state = {"step": step + 1, "epoch": epoch, "batch": batch_pos,
+                         "reward_failures": json.dumps(dict(runner.failures_total))}
+                save_checkpoint(cfg.out_dir, step + 1, model, optimizer, scheduler, processor, state, cfg,
+                                rank=dist.rank, keep_last=cfg.keep_last, base_model_path=cfg.model.path)
+    finally:
+        runner.close()
+        if dist.world > 1:
+            torch.distributed.destroy_process_group()
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m training.grpo",
+        description="GRPO reinforcement fine-tuning with driving rewards (RFS, ADE, collision, PDM).",
+    )
+    ap.add_argument("--config", default="configs/train/rft_tiny.yaml", help="RFT YAML config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set rollout.num_generations=16 (repeatable)")
+    args, extra = ap.parse_known_args(argv)
+    overrides = list(args.overrides) + [a for a in extra if a.startswith("--") and "=" in a]
+    unknown = [a for a in extra if not (a.startswith("--") and "=" in a)]
+    if unknown:
+        ap.error(f"unrecognised arguments {unknown}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(RFTConfig, args.config, overrides)
+    m = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in m.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

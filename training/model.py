@@ -1,0 +1,182 @@
+"""Model setup shared by SFT, RFT (GRPO) and eval: Qwen2.5-VL + K action tokens.
+
+``load_model(cfg, num_action_tokens)`` returns ``(model, processor, action_ids)``:
+
+* the checkpoint (``cfg.path``; a Hub id or a local dir such as an SFT
+  checkpoint) loaded in fp32 master weights (bf16 compute comes from autocast
+  or the FSDP2 mixed-precision policy, see ``training/sft.py``);
+* the ``<action_0>`` .. ``<action_{K-1}>`` tokens added when missing
+  (embeddings resized), with their ids checked contiguous. ``action_ids.first``
+  is computed from the tokenizer after adding, never stored in config;
+* the vision tower frozen (default), optional LoRA (peft) on the language
+  model's projections with the embeddings and LM head trained in full (the new
+  action rows must learn), gradient checkpointing on request;
+* a :class:`training.vision.ClipProcessor` at the configured pixel budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from annotators.training_prompt import action_token
+from tokenizer.tokenizer import action_token_strings, register_action_tokens
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    build_tiny_if_missing: bool = False  # build training.tiny's model at `path` when it does not exist
+    num_action_tokens: int | None = None  # None: read K from <data>/codebook/codebook.json
+    freeze_vision: bool = True
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    min_pixels: int | None = None  # per frame; None keeps the checkpoint's clip processor setting
+    max_pixels: int | None = None  # the fixed per-frame pixel budget (same in SFT, RFT, eval)
+    pad_vocab_multiple: int = 64  # embedding rows rounded up for efficient matmuls
+
+
+@dataclass(frozen=True)
+class ActionIds:
+    """Token ids of the action tokens: ``first + i`` is ``<action_i>``."""
+
+    first: int
+    count: int
+
+    def to_token_ids(self, codes: Any) -> Any:
+        return codes + self.first
+
+    def to_codes(self, token_ids: Any) -> Any:
+        return token_ids - self.first
+
+
+def action_ids_from_tokenizer(tokenizer: Any, num_action_tokens: int) -> ActionIds:
+    """Look the ids up and check they are contiguous (so ``id - first`` is the codebook index)."""
+    ids = tokenizer.convert_tokens_to_ids(action_token_strings(num_action_tokens))
+    first = ids[0]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if first is None or first == unk or ids != list(range(first, first + num_action_tokens)):
+        raise ValueError(
+            f"action tokens <action_0>..<action_{num_action_tokens - 1}> are not contiguous in the tokenizer "
+            f"(first ids {ids[:4]}...); the checkpoint was extended with a different K?"
+        )
+    return ActionIds(first=int(first), count=num_action_tokens)
+
+
+def add_action_tokens(model: Any, tokenizer: Any, num_action_tokens: int, pad_multiple: int = 64) -> ActionIds:
+    """Add the K action tokens (idempotent) and resize embeddings to cover the tokenizer."""
+    if action_token(num_action_tokens) in tokenizer.get_vocab():
+        raise ValueError(f"tokenizer already has more than {num_action_tokens} action tokens (codebook K mismatch)")
+    register_action_tokens(tokenizer, num_action_tokens)  # idempotent; checks contiguity
+    ids = action_ids_from_tokenizer(tokenizer, num_action_tokens)
+    emb = model.get_input_embeddings().weight.shape[0]
+    if emb < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_multiple)
+        log.info("resized embeddings %d -> %d for %d action tokens", emb,
+                 model.get_input_embeddings().weight.shape[0], num_action_tokens)
+    return ids
+
+
+def vision_tower(model: Any) -> Any:
+    """The ``visual`` module, whatever wraps the HF model (peft, DDP)."""
+    return _named(model, "visual")
+
+
+def language_layers(model: Any) -> Any:
+    """The decoder layers (``language_model.layers``), whatever wraps the HF model."""
+    return _named(model, "language_model").layers
+
+
+def _named(model: Any, last: str) -> Any:
+    for name, mod in model.named_modules():
+        if name.rsplit(".", 1)[-1] == last:
+            return mod
+    raise ValueError(f"model {type(model).__name__} has no submodule named {last!r}")
+
+
+def load_model(cfg: ModelConfig, num_action_tokens: int, device: Any = "cpu") -> tuple[Any, Any, ActionIds]:
+    """Load checkpoint + processor, add action tokens, freeze/LoRA/checkpointing per ``cfg``."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from training.vision import ClipProcessor
+
+    path = Path(cfg.path)
+    if cfg.build_tiny_if_missing and not (path / "config.json").is_file():
+        from training.tiny import build_tiny_qwen25vl
+
+        log.info("no model at %s: building the tiny test model there", path)
+        build_tiny_qwen25vl(path)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        cfg.path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
+    )
+    processor = ClipProcessor.from_pretrained(cfg.path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    tok = processor.tokenizer
+    ids = add_action_tokens(model, tok, num_action_tokens, cfg.pad_vocab_multiple)
+    if tok.pad_token_id is None:
+        tok.pad_token = "<|endoftext|>"
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids("<|im_end|>")
+    if cfg.freeze_vision:
+        for p in vision_tower(model).parameters():
+            p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora:
+        model = apply_lora(model, cfg)
+    model.to(device)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.1fM params, %.1fM trainable, action ids %d..%d", cfg.path, n_all / 1e6,
+             n_train / 1e6, ids.first, ids.first + ids.count - 1)
+    return model, processor, ids
+
+
+def apply_lora(model: Any, cfg: ModelConfig) -> Any:
+    """LoRA on the language model's linear layers; embeddings and LM head trained in full."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:  # pragma: no cover - peft is a declared dependency
+        raise ImportError("model.lora=true needs peft: pip install peft") from exc
+    lcfg = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        # Regex: only the language model's projections, never the vision tower's.
+        target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")",
+        modules_to_save=["embed_tokens", "lm_head"],
+    )
+    return get_peft_model(model, lcfg)
+
+
+def unwrap(model: Any) -> Any:
+    """The HF model under DDP / peft wrappers."""
+    m = getattr(model, "module", model)
+    return m
+
+
+def read_num_action_tokens(codebook_dir: str | Path) -> int:
+    """K from ``<codebook_dir>/codebook.json`` (the codebook's own metadata)."""
+    import json
+
+    meta = Path(codebook_dir) / "codebook.json"
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"codebook metadata {meta} not found: run `make codebook` (or set model.num_action_tokens)"
+        )
+    data = json.loads(meta.read_text())
+    for key in ("K", "k", "num_tokens", "size"):
+        if key in data:
+            return int(data[key])
+    raise ValueError(f"{meta} has no 'K' entry (keys: {sorted(data)})")
