@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned to the CPU build on this machine; pyproject keeps a loose range.
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	# Waymo's generated protos only (their TensorFlow pins do not fit Python 3.11).
-	$(PY) -m pip install --quiet --no-deps "waymo-open-dataset-tf-2-12-0==1.6.7"
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# Waymo's generated protos only (their TensorFlow pins do not fit Python 3.11,
+	# so pip may list its unmet pins on later installs: expected, the protos work).
+	$(PY) -m pip install --quiet --no-deps "waymo-open-dataset-tf-2-12-0==1.6.7"
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 

@@ -111,7 +111,8 @@ class ResultCache:
     def _open(self) -> Any:
         if self._fh is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+            now = time.time()  # microseconds: segment names sort in creation order
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
             host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[
                 :40
             ]

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib.util
 import logging
 import os
 import random
 import ssl
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -56,14 +54,6 @@ _CONTEXT_HINTS = (
 # request at 256 connections. Small pools handed out from a free list keep
 # that bounded. The default transport (annotators.transport) needs no sharding.
 CONNECTIONS_PER_POOL = 4
-
-# httpcore tries `import sniffio` for every lock and event it creates; when
-# sniffio is not installed each failed attempt rescans sys.path (~1 ms of CPU
-# per request). A None entry makes the import fail at once, with the same
-# result (httpcore then assumes asyncio).
-if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-    sys.modules["sniffio"] = None  # type: ignore[assignment]
-
 
 class AnnotationError(Exception):
     """A request that ended without a usable answer; ``error_class`` is the counter key."""

@@ -17,14 +17,20 @@ from pipelines.stages.extract import ExtractStage
 REPO = Path(__file__).resolve().parents[1]
 
 
-def extract_config(dataset: str, input_path: Path | str, overrides: tuple[str, ...] = ()) -> ExtractConfig:
+def extract_config(
+    dataset: str, input_path: Path | str, overrides: tuple[str, ...] = ()
+) -> ExtractConfig:
     """The shipped config of ``dataset`` pointed at ``input_path``."""
     path = REPO / "configs" / "extract" / f"{dataset}.yaml"
     return load_config(ExtractConfig, path, [f"input={input_path}", *overrides])
 
 
 def extract(
-    dataset: str, input_path: Path | str, out: Path, overrides: tuple[str, ...] = (), engine: str = "local"
+    dataset: str,
+    input_path: Path | str,
+    out: Path,
+    overrides: tuple[str, ...] = (),
+    engine: str = "local",
 ) -> tuple[RunSummary, list[dict[str, Any]]]:
     """Run the extract stage; return the summary and the written rows (canonical order)."""
     stage = ExtractStage(extract_config(dataset, input_path, overrides))
@@ -37,7 +43,9 @@ def failures(summary: RunSummary) -> list[dict[str, Any]]:
     return [f for p in summary.partitions for f in p.failures]
 
 
-def ground_truth(sample_data: Any, dataset: str) -> tuple[dict[str, dict], dict[tuple[str, int], dict]]:
+def ground_truth(
+    sample_data: Any, dataset: str
+) -> tuple[dict[str, dict], dict[tuple[str, int], dict]]:
     """Ground-truth records by frame id and by (scene, timestamp)."""
     by_frame, by_time = {}, {}
     with open(sample_data.ground_truth) as fh:
@@ -63,5 +71,7 @@ def to_ego(record: dict[str, Any], origin: np.ndarray) -> np.ndarray:
 
 
 def assert_counts_add_up(summary: RunSummary) -> None:
-    assert summary.seen == summary.written + sum(summary.dropped.values()) + sum(summary.failed.values())
+    assert summary.seen == summary.written + sum(summary.dropped.values()) + sum(
+        summary.failed.values()
+    )
     assert summary.ok, [p.error for p in summary.crashed]

@@ -58,7 +58,7 @@ def test_rerun_skips_done_and_redoes_crashed_partition(tmp_path):
     second = run_stage(ToyStage(), tmp_path, progress=False)
     assert second.ok
     assert [p.skipped for p in second.partitions] == [True, False, True]
-    fresh = run_stage(ToyStage(), tmp_path / "fresh", progress=False)
+    run_stage(ToyStage(), tmp_path / "fresh", progress=False)
     assert read_table(tmp_path).equals(read_table(tmp_path / "fresh"))
 
 

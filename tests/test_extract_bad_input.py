@@ -9,8 +9,8 @@ import shutil
 import struct
 
 import pytest
-
 from _extract_util import assert_counts_add_up, extract, extract_config, failures
+
 from pipelines.config import ConfigError
 from pipelines.io.safe_pickle import safe_load
 from pipelines.sources import SourceError, get_source_class
@@ -37,7 +37,11 @@ def test_truncated_tfrecord(sample_data, waymo_baseline, tmp_path):
     assert summary.seen == base.seen  # the cut record is counted as a failure
     assert summary.failed == {"TFRecordError": 1}
     (fail,) = failures(summary)
-    assert fail["file"] == victim.name and "truncated" in fail["message"] and victim.name in fail["message"]
+    assert (
+        fail["file"] == victim.name
+        and "truncated" in fail["message"]
+        and victim.name in fail["message"]
+    )
     assert 0 < len(base_rows) - len(rows) <= 3  # the lost frame and the clips that needed it
     assert {r["sample_id"] for r in rows} < {r["sample_id"] for r in base_rows}
 
@@ -78,6 +82,7 @@ def test_nuplan_missing_image_nan_pose_short_log_and_hostile_pickle(sample_data,
     logs[1].write_bytes(pickle.dumps(frames1, protocol=4))
     # 3) a log too short for 4 + 1 + 10 frames
     (split_dir / "short_log.pkl").write_bytes(pickle.dumps(frames0[:10], protocol=4))
+
     # 4) a pickle that would run a command
     class Evil:
         def __reduce__(self):
@@ -95,15 +100,24 @@ def test_nuplan_missing_image_nan_pose_short_log_and_hostile_pickle(sample_data,
         by_class.setdefault(f["error_class"], []).append(f)
     img = by_class["ImageError"]
     assert all(rel in f["message"] and f["file"].endswith(rel) for f in img)
-    assert all(logs[1].name in f["message"] and frames1[20]["token"] in f["message"] for f in by_class["InvalidPose"])
+    assert all(
+        logs[1].name in f["message"] and frames1[20]["token"] in f["message"]
+        for f in by_class["InvalidPose"]
+    )
     (evil,) = by_class["UnpicklingError"]
-    assert "evil_log.pkl" in evil["message"] and "system" in evil["message"] and evil["file"].endswith("evil_log.pkl")
+    assert (
+        "evil_log.pkl" in evil["message"]
+        and "system" in evil["message"]
+        and evil["file"].endswith("evil_log.pkl")
+    )
     assert summary.dropped["window_too_short"] == 14 + 14 + 10
     assert len(rows) == (n0 - 14 - 4) + (n1 - 14 - 10)
 
 
 def test_nuscenes_scene_too_short_for_history_and_future(sample_data, tmp_path):
-    summary, rows = extract("nuscenes", sample_data.nuscenes, tmp_path / "out", ("history=12", "clip.frames=2"))
+    summary, rows = extract(
+        "nuscenes", sample_data.nuscenes, tmp_path / "out", ("history=12", "clip.frames=2")
+    )
     assert_counts_add_up(summary)
     n = summary.seen // 2  # 2 scenes of n keyframes
     assert summary.dropped == {"insufficient_history": 2 * 12, "insufficient_future": 2 * 10}
@@ -129,5 +143,15 @@ def test_missing_input_and_bad_config_fail_before_work(tmp_path):
 def test_cli_reports_bad_input_path(tmp_path):
     from pipelines.cli import main
 
-    rc = main(["extract", "--dataset", "waymo_e2e", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    rc = main(
+        [
+            "extract",
+            "--dataset",
+            "waymo_e2e",
+            "--input",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and not (tmp_path / "o" / "extract").exists()

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
-
 from _extract_util import REPO, assert_counts_add_up, extract
+
 from pipelines.core.shards import read_table
 
 
@@ -29,8 +29,20 @@ def _replicated_nuplan(src, dst, copies):
 def test_sigkill_then_rerun_gives_the_uninterrupted_rows(sample_data, tmp_path):
     data = _replicated_nuplan(sample_data.nuplan, tmp_path / "nuplan", copies=12)  # 24 partitions
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pipelines.cli", "extract", "--dataset", "nuplan", "--input", str(data),
-           "--out", str(out), "--engine", "local"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "extract",
+        "--dataset",
+        "nuplan",
+        "--input",
+        str(data),
+        "--out",
+        str(out),
+        "--engine",
+        "local",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = out / "extract" / "nuplan" / "_done"
     deadline = time.monotonic() + 120
@@ -58,15 +70,30 @@ def test_ray_and_beam_engines_give_the_local_table(sample_data, tmp_path, ray_se
     local, _ = extract("nuplan", sample_data.nuplan, tmp_path / "local")
     for engine in ("ray", "beam"):
         summary, _ = extract("nuplan", sample_data.nuplan, tmp_path / engine, engine=engine)
-        assert (summary.written, summary.dropped, summary.failed) == (local.written, local.dropped, local.failed)
+        assert (summary.written, summary.dropped, summary.failed) == (
+            local.written,
+            local.dropped,
+            local.failed,
+        )
         assert read_table(tmp_path / engine).equals(read_table(tmp_path / "local")), engine
 
 
 def test_cli_writes_config_manifest_and_resumes(sample_data, tmp_path, capsys):
     from pipelines.cli import main
 
-    args = ["extract", "--dataset", "waymo_e2e", "--input", str(sample_data.waymo_e2e), "--out", str(tmp_path),
-            "--engine", "local", "--set", "units_per_partition=1"]
+    args = [
+        "extract",
+        "--dataset",
+        "waymo_e2e",
+        "--input",
+        str(sample_data.waymo_e2e),
+        "--out",
+        str(tmp_path),
+        "--engine",
+        "local",
+        "--set",
+        "units_per_partition=1",
+    ]
     assert main(args) == 0
     first = capsys.readouterr().out
     out = tmp_path / "extract" / "waymo_e2e"

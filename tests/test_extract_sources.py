@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from _extract_util import assert_counts_add_up, extract, ground_truth, gt_frame_key, to_ego
+
 from pipelines.geometry import wrap_angle
 from schemas.sample import validate_row
 
@@ -89,7 +89,9 @@ def test_frame_conventions(extracted, dataset):
 def test_sample_data_has_turns_both_ways(extracted):
     _, rows = extracted["waymo_e2e"]
     finals = [r["future"][-1] for r in rows if r["future"]]
-    assert any(p[2] > 0.5 and p[1] > 2 for p in finals) and any(p[2] < -0.5 and p[1] < -2 for p in finals)
+    assert any(p[2] > 0.5 and p[1] > 2 for p in finals) and any(
+        p[2] < -0.5 and p[1] < -2 for p in finals
+    )
     for r in rows:  # the labels agree with the geometry
         if r["meta_lateral"] == "turn left":
             assert r["future"][-1][1] > 4.0
@@ -154,18 +156,24 @@ def test_objects_agree_between_nuscenes_and_its_boxes(extracted, sample_data):
     from nuscenes.nuscenes import NuScenes
 
     _, rows = extracted["nuscenes"]
-    nusc = NuScenes(version=sample_data.nuscenes_version, dataroot=str(sample_data.nuscenes), verbose=False)
+    nusc = NuScenes(
+        version=sample_data.nuscenes_version, dataroot=str(sample_data.nuscenes), verbose=False
+    )
     r = rows[0]
     token = r["sample_id"].split("/")[-1]
     sample = nusc.get("sample", token)
     ann = nusc.get("sample_annotation", sample["anns"][0])
-    ego = nusc.get("ego_pose", nusc.get("sample_data", sample["data"]["LIDAR_TOP"])["ego_pose_token"])
+    ego = nusc.get(
+        "ego_pose", nusc.get("sample_data", sample["data"]["LIDAR_TOP"])["ego_pose_token"]
+    )
     obj = next(o for o in r["objects"] if o["track_id"] == ann["instance_token"])
     yaw = 2 * np.arctan2(ego["rotation"][3], ego["rotation"][0])
     dx, dy = np.subtract(ann["translation"][:2], ego["translation"][:2])
     want = [np.cos(yaw) * dx + np.sin(yaw) * dy, -np.sin(yaw) * dx + np.cos(yaw) * dy]
     np.testing.assert_allclose([obj["x"], obj["y"]], want, atol=1e-3)
-    assert obj["length"] == pytest.approx(ann["size"][1]) and obj["width"] == pytest.approx(ann["size"][0])
+    assert obj["length"] == pytest.approx(ann["size"][1]) and obj["width"] == pytest.approx(
+        ann["size"][0]
+    )
 
 
 def test_nuscenes_drivelm_join(sample_data, tmp_path):
@@ -175,11 +183,21 @@ def test_nuscenes_drivelm_join(sample_data, tmp_path):
 
     _, rows = run("nuscenes", sample_data.nuscenes, tmp_path / "a")
     token = rows[0]["sample_id"].split("/")[-1]
-    qa = {"perception": [{"Q": "What is ahead?", "A": "A car."}], "planning": [{"Q": "Action?", "A": "Keep lane."}]}
-    drivelm = {"scene-x": {"scene_description": "d", "key_frames": {token: {"key_object_infos": {}, "QA": qa}}}}
+    qa = {
+        "perception": [{"Q": "What is ahead?", "A": "A car."}],
+        "planning": [{"Q": "Action?", "A": "Keep lane."}],
+    }
+    drivelm = {
+        "scene-x": {
+            "scene_description": "d",
+            "key_frames": {token: {"key_object_infos": {}, "QA": qa}},
+        }
+    }
     path = tmp_path / "drivelm.json"
     path.write_text(json.dumps(drivelm))
-    _, rows2 = run("nuscenes", sample_data.nuscenes, tmp_path / "b", (f"options.drivelm_path={path}",))
+    _, rows2 = run(
+        "nuscenes", sample_data.nuscenes, tmp_path / "b", (f"options.drivelm_path={path}",)
+    )
     by_id = {r["sample_id"]: r for r in rows2}
     assert by_id[rows[0]["sample_id"]]["drivelm_qa"] == [
         {"category": "perception", "question": "What is ahead?", "answer": "A car."},

@@ -17,7 +17,6 @@ K = 16
 
 @pytest.fixture(scope="module")
 def processor():
-    from training.model import add_action_tokens  # noqa: F401  (import check)
     from tokenizer.tokenizer import register_action_tokens
 
     tok = build_tiny_tokenizer()

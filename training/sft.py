@@ -32,6 +32,10 @@ params) per vision patch; in-training eval runs on rank 0 only and is not
 available with FSDP (use ``python -m training.eval --checkpoint ...``).
 Checkpoints (``training/checkpoint.py``) resume exactly: same data order,
 optimizer, scheduler and RNG.
+
+Reused by ``training/grpo.py``: ``init_distributed``, ``parallel_mode``,
+``wrap_model`` and ``autocast_ctx`` (they read ``cfg.parallel``,
+``cfg.precision`` and ``cfg.model.lora`` only).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipelines.config import dump_config, load_config
+from pipelines.config import dump_config, load_config, to_dict
 from training import checkpoint as ckpt
 from training.config import TrainConfig
 from training.data import BuiltRows, LengthGroupedBatchSampler, ShardIndex, collate, model_batch
@@ -74,8 +78,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's environment; a plain run is rank 0 of 1."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    if not dist.is_initialized():  # idempotent: GRPO and tests may call it again
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -209,7 +213,7 @@ def _loggers(cfg: TrainConfig, rank: int) -> list[Any]:
             import wandb
         except ImportError:
             raise ImportError("wandb_project is set but wandb is not installed: pip install wandb") from None
-        out.append(wandb.init(project=cfg.wandb_project, config=json.loads(json.dumps(cfg, default=vars))))
+        out.append(wandb.init(project=cfg.wandb_project, config=to_dict(cfg)))
     if cfg.tensorboard:
         try:
             from torch.utils.tensorboard import SummaryWriter

@@ -81,12 +81,12 @@ class ClipProcessor:
         frames = []
         size = None
         for data in jpegs:
-            with Image.open(io.BytesIO(data)) as im:
-                im = im.convert("RGB")
-                if size is None:
-                    h, w = self.frame_size(im.height, im.width)
-                    size = (w, h)
-                frames.append(np.asarray(im.resize(size, Image.BICUBIC), dtype=np.float32))
+            with Image.open(io.BytesIO(data)) as src:
+                rgb = src.convert("RGB")
+            if size is None:  # one size per clip (frames of a clip share a resolution)
+                h, w = self.frame_size(rgb.height, rgb.width)
+                size = (w, h)
+            frames.append(np.asarray(rgb.resize(size, Image.Resampling.BICUBIC), dtype=np.float32))
         video = np.stack(frames)  # (T, H, W, C)
         mean = np.asarray(self.image_mean, np.float32)
         std = np.asarray(self.image_std, np.float32)

@@ -40,7 +40,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "On small data with fewer distinct segments than K the fit stops early with a warning; the "
             "codebook then has fewer tokens."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--data", required=True, type=Path, help="data root holding extract/<dataset>/shards"
@@ -52,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--config",
         type=Path,
         default=DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
-        help="config YAML (keys of tokenizer.fit.CodebookConfig)",
+        help="config YAML with the keys of tokenizer.fit.CodebookConfig (default: configs/codebook.yaml "
+        "of this checkout; built-in defaults, identical to it, when absent)",
     )
     p.add_argument(
         "--datasets",

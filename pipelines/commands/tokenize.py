@@ -25,7 +25,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Rows without a future (test split) are dropped with reason no_future (they cannot be tokenized). "
             "Resumable: finished input shards are skipped on a rerun."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
         "--data", required=True, type=Path, help="data root holding extract/<dataset>/shards"

@@ -27,7 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.core.shards import DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, SHARD_DIR, ShardWriter, atomic_write_bytes
+from pipelines.core.shards import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_ROWS,
+    SHARD_DIR,
+    ShardWriter,
+    atomic_write_bytes,
+)
 from pipelines.core.stage import Drop, Fail, Partition, Stage
 from schemas.sample import SCHEMA_VERSION
 

@@ -75,10 +75,10 @@ class Stage(ABC):
     def process(self, partition: Partition) -> Iterator[Outcome]:
         """Yield one outcome per sample of ``partition``."""
 
-    def setup(self) -> None:
+    def setup(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Create per-worker resources (called once per worker before any partition)."""
 
-    def teardown(self) -> None:
+    def teardown(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Release what :meth:`setup` made."""
 
     def config_dict(self) -> dict[str, Any]:

@@ -106,8 +106,10 @@ def safe_load(path: str | Path) -> Any:
     with open(path, "rb") as fh:
         try:
             return SafeUnpickler(fh, str(path)).load()
-        except pickle.UnpicklingError:
-            raise
+        except pickle.UnpicklingError as exc:
+            if str(exc).startswith(str(path)):
+                raise
+            raise pickle.UnpicklingError(f"{path}: corrupt or truncated pickle ({exc})") from None
         except (
             EOFError,
             ValueError,
