@@ -108,9 +108,19 @@ def _child(dataset: str, input_path: str, out: str) -> None:
     from pipelines.core.runner import run_stage
     from pipelines.stages.extract import ExtractStage
 
-    s = run_stage(ExtractStage(_config(dataset, Path(input_path))), out, progress=False)
+    stage = ExtractStage(_config(dataset, Path(input_path)))
+    before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # interpreter + libraries
+    s = run_stage(stage, out, progress=False)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"written": s.written, "peak_rss_mb": round(peak_mb, 1)}))
+    print(
+        json.dumps(
+            {
+                "written": s.written,
+                "peak_rss_mb": round(peak_mb, 1),
+                "rss_before_run_mb": round(before_mb, 1),
+            }
+        )
+    )
 
 
 def replicate_nuplan(src: Path, dst: Path, copies: int) -> Path:
@@ -179,6 +189,7 @@ def main() -> None:
                 "ratio": round(img / cpu, 3),
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in rss.values()),
                 "peak_rss_mb_by_input": {k: v["peak_rss_mb"] for k, v in rss.items()},
+                "rss_before_run_mb_by_input": {k: v["rss_before_run_mb"] for k, v in rss.items()},
                 "rows_by_input": {k: v["written"] for k, v in rss.items()},
                 "baseline": "JPEG decode + resize + encode of the frames the stage kept (pipelines.io.images, same frames)",
                 "datasets": per,

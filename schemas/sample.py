@@ -385,7 +385,7 @@ def validate_row(row: Mapping[str, Any], *, future_required: bool | None = None)
     _enum(row, "history_meta_lateral", Lateral.values(), sid, nullable=True)
     _enum(row, "history_meta_longitudinal", Longitudinal.values(), sid, nullable=True)
 
-    _validate_cameras(row, sid, ts)
+    _validate_cameras(row, sid)
     _validate_preferences(row, sid)
     for i, obj in enumerate(row.get("objects") or ()):
         for key in ("x", "y", "heading", "length", "width", "vx", "vy"):
@@ -403,7 +403,7 @@ def _check_headings(name: str, poses: np.ndarray, sid: str | None) -> None:
         raise SchemaError(name, "heading outside [-pi, pi]", sid)
 
 
-def _validate_cameras(row: Mapping[str, Any], sid: str | None, t0: int) -> None:
+def _validate_cameras(row: Mapping[str, Any], sid: str | None) -> None:
     cams = row.get("cameras")
     if not cams:
         raise SchemaError("cameras", "is missing or empty", sid)

@@ -102,3 +102,11 @@ def test_tokenize_stage_fails_bad_futures(data, tmp_path) -> None:
     summary = run_stage(stage, tmp_path / "out", engine="local", progress=False)
     assert summary.written == 28 and summary.failed == {INVALID_FUTURE: 2}
     assert summary.seen == 30
+
+
+def test_config_file_matches_the_defaults() -> None:
+    from pipelines.commands.codebook import DEFAULT_CONFIG
+    from pipelines.config import load_config
+    from tokenizer.fit import CodebookConfig
+
+    assert load_config(CodebookConfig, DEFAULT_CONFIG) == CodebookConfig()

@@ -134,3 +134,10 @@ def test_clip_patches_match_transformers_image_layout(processor):
     assert grid.tolist() == out["image_grid_thw"][0].tolist()
     np.testing.assert_allclose(patches, out["pixel_values"], atol=0.05)
     assert spg == 1.0
+
+
+def test_test_rows_follow_the_sample_schema():
+    from schemas.sample import validate_row
+
+    validate_row(make_built_row(8, K, slow=True))
+    validate_row(make_built_row(9, K, slow=False))

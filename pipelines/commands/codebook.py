@@ -94,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> CodebookConfig:
     """The config file, then ``--set`` overrides, then the explicit flags."""
+    if args.config is None:
+        log.info("no config file given or found; using the built-in CodebookConfig defaults")
     cfg = load_config(CodebookConfig, args.config, args.overrides)
     flags = {"k": args.k, "tol": args.tol, "max_segments": args.max_segments, "seed": args.seed}
     changes = {k: v for k, v in flags.items() if v is not None}
