@@ -38,6 +38,10 @@ def test_rows_validate_and_counts_add_up(extracted, sample_data, dataset):
         assert r["history_meta_longitudinal"] is not None
 
 
+# options.min_heading_chord (0.2 m) per 0.5 s: the speed below which WOD-E2E headings are held.
+WAYMO_HOLD_SPEED = 0.2 / 0.5
+
+
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_trajectories_match_ground_truth(extracted, sample_data, dataset):
     _, rows = extracted[dataset]
@@ -57,15 +61,10 @@ def test_trajectories_match_ground_truth(extracted, sample_data, dataset):
                 continue
             want = to_ego(gt, origin)
             assert np.hypot(pose[0] - want[0], pose[1] - want[1]) < 0.01, (r["sample_id"], k)
-            if dataset == "waymo_e2e":
-                # WOD-E2E stores no headings: ours is the direction of motion (velocity vector). The
-                # simulator's own yaw is a 5 cm chord of its 0.25 m route polyline, which can differ
-                # from the motion direction by up to ~0.02 rad, so compare with the motion direction
-                # where the ego moves, and with the simulator's yaw more loosely.
-                assert abs(wrap_angle(pose[2] - want[2])) < 0.03, (r["sample_id"], k)
-                if np.hypot(gt["vx"], gt["vy"]) > 1.0:
-                    motion = np.arctan2(gt["vy"], gt["vx"]) - origin[2]
-                    assert abs(wrap_angle(pose[2] - motion)) < 0.01, (r["sample_id"], k)
+            if dataset == "waymo_e2e" and np.hypot(gt["vx"], gt["vy"]) < WAYMO_HOLD_SPEED:
+                # WOD-E2E stores no headings: below the hold speed the extractor keeps the
+                # previous heading by design, while the simulated car still creeps round a curve.
+                assert abs(wrap_angle(pose[2] - want[2])) < 0.05, (r["sample_id"], k)
             else:
                 assert abs(wrap_angle(pose[2] - want[2])) < 0.01, (r["sample_id"], k)
             checked += 1

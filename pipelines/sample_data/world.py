@@ -244,8 +244,16 @@ class Scene:
         ds = 0.05
         xy2, _ = self.route.point(self.s + ds, self.route.offset(self.s + ds))
         self.xy = xy
-        self.yaw = np.unwrap(np.arctan2(xy2[:, 1] - xy[:, 1], xy2[:, 0] - xy[:, 0]))
         self.vel = np.gradient(xy, self.t, axis=0)
+        # Kinematic ego: while moving, the heading is the direction of motion (the
+        # rear-axle reference point of a bicycle model does not slip); a stopped car
+        # does not turn, so it keeps its last heading (the path tangent before any motion).
+        chord = np.unwrap(np.arctan2(xy2[:, 1] - xy[:, 1], xy2[:, 0] - xy[:, 0]))
+        motion = np.arctan2(self.vel[:, 1], self.vel[:, 0])
+        moving = np.hypot(self.vel[:, 0], self.vel[:, 1]) > 0.05
+        last_moving = np.maximum.accumulate(np.where(moving, np.arange(len(moving)), -1))
+        held = np.where(last_moving >= 0, motion[np.maximum(last_moving, 0)], chord)
+        self.yaw = np.unwrap(held)
         self.acc = np.gradient(self.vel, self.t, axis=0)
         self.agents = self._make_agents(rng)
 
