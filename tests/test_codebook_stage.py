@@ -27,22 +27,33 @@ SCHEMA = pa.schema(
 )
 
 
-def write_extract(root, dataset: str, n: int, seed: int, nulls: int = 0, nan_rows: int = 0, shards: int = 3) -> None:
+def write_extract(
+    root, dataset: str, n: int, seed: int, nulls: int = 0, nan_rows: int = 0, shards: int = 3
+) -> None:
     d = root / "extract" / dataset / "shards"
     d.mkdir(parents=True)
     fut = simulate_futures(n, seed=seed).tolist()
     for i in range(nan_rows):
         fut[i][3][1] = float("nan")
     rows = [
-        {"sample_id": f"{dataset}/s{i // 10}/{i}", "split": "train", "future": f, "jpeg": bytes([i % 256])}
+        {
+            "sample_id": f"{dataset}/s{i // 10}/{i}",
+            "split": "train",
+            "future": f,
+            "jpeg": bytes([i % 256]),
+        }
         for i, f in enumerate(fut)
     ]
     rows += [
-        {"sample_id": f"{dataset}/t/{i}", "split": "test", "future": None, "jpeg": b"\x00"} for i in range(nulls)
+        {"sample_id": f"{dataset}/t/{i}", "split": "test", "future": None, "jpeg": b"\x00"}
+        for i in range(nulls)
     ]
     per = (len(rows) + shards - 1) // shards
     for s in range(shards):
-        pq.write_table(pa.Table.from_pylist(rows[s * per : (s + 1) * per], schema=SCHEMA), d / f"p{s}-00000.parquet")
+        pq.write_table(
+            pa.Table.from_pylist(rows[s * per : (s + 1) * per], schema=SCHEMA),
+            d / f"p{s}-00000.parquet",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +81,10 @@ def test_codebook_command_writes_codebook_and_report(data) -> None:
 def test_codebook_command_rejects_bad_options(data, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["codebook", "--data", str(data), "--mix", "waymo_e2e"])
-    assert main(["codebook", "--data", str(data), "--set", "nonsense=1", "--out", str(data / "x")]) == 2
+    assert (
+        main(["codebook", "--data", str(data), "--set", "nonsense=1", "--out", str(data / "x")])
+        == 2
+    )
     with pytest.raises(FileNotFoundError, match="carla"):
         main(["codebook", "--data", str(data), "--datasets", "carla", "--out", str(data / "y")])
 
@@ -87,7 +101,8 @@ def test_tokenize_command_adds_tokens_and_resumes(data, capsys) -> None:
     rows = table.to_pylist()
     tok = ActionTokenizer(load_codebook(data / "codebook"))
     np.testing.assert_array_equal(
-        np.array([r["action_tokens"] for r in rows]), tok.encode(np.array([r["future"] for r in rows]))
+        np.array([r["action_tokens"] for r in rows]),
+        tok.encode(np.array([r["future"] for r in rows])),
     )
     assert f"dropped  {NO_FUTURE}" in capsys.readouterr().out
     # a rerun skips every finished partition

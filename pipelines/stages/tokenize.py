@@ -126,4 +126,3 @@ def encode_column(
         for r, t in zip(rows[finite], ids.tolist(), strict=True):
             out[int(r)] = t
     return out, bad
-
