@@ -239,6 +239,14 @@ class LengthGroupedBatchSampler:
         return max(0, len(self.global_batches(self.epoch)[self.rank :: self.world_size]) - self.start_batch)
 
 
+def video_tensors(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The processor's video arrays of several examples, concatenated as torch tensors."""
+    import torch  # lazy, like the rest of this module: data loading code runs in light workers
+
+    keys = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+    return {k: torch.from_numpy(np.concatenate([e[k] for e in examples])) for k in keys}
+
+
 def collate(examples: Sequence[dict[str, Any]], pad_id: int, padding_side: str = "right") -> dict[str, Any]:
     """Pad to the longest sequence (labels -100 and attention 0 on padding) and concatenate videos.
 
@@ -266,9 +274,7 @@ def collate(examples: Sequence[dict[str, Any]], pad_id: int, padding_side: str =
         "input_ids": ids,
         "attention_mask": att,
         "mm_token_type_ids": mm,
-        "pixel_values_videos": torch.from_numpy(np.concatenate([e["pixel_values_videos"] for e in examples])),
-        "video_grid_thw": torch.from_numpy(np.concatenate([e["video_grid_thw"] for e in examples])),
-        "second_per_grid_ts": torch.from_numpy(np.concatenate([e["second_per_grid_ts"] for e in examples])),
+        **video_tensors(examples),
         "is_slow": torch.tensor([bool(e.get("is_slow")) for e in examples]),
         "sample_ids": [e["sample_id"] for e in examples],
         "indices": [e.get("index") for e in examples],

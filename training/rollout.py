@@ -38,6 +38,7 @@ from annotators.training_prompt import (
     parse_completion,
 )
 from schemas.sample import FUTURE_STEPS
+from training.data import video_tensors
 from training.rewards.base import Completion
 
 log = logging.getLogger(__name__)
@@ -303,9 +304,7 @@ def collate_sequences(
         "input_ids": ids,
         "attention_mask": att,
         "mm_token_type_ids": mm,
-        "pixel_values_videos": torch.from_numpy(np.concatenate([e["pixel_values_videos"] for e in examples])),
-        "video_grid_thw": torch.from_numpy(np.concatenate([e["video_grid_thw"] for e in examples])),
-        "second_per_grid_ts": torch.from_numpy(np.concatenate([e["second_per_grid_ts"] for e in examples])),
+        **video_tensors(examples),
         "completion_ids": ids[:, p:].clone(),
         "completion_mask": comp_mask,
     }
