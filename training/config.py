@@ -9,9 +9,13 @@ committed YAML.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from annotators.training_prompt import CAMERAS_FOR_MODEL
 from training.model import ModelConfig
+
+# Shipped configs, found next to the package rather than the working directory.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import torch
 from annotators.training_prompt import CAMERAS_FOR_MODEL, parse_completion, parse_meta_action
 from pipelines.meta_actions import future_meta_action
 from schemas.sample import MODEL_DT
+from training.config import CONFIG_DIR
 from training.data import BuiltRows, LengthGroupedBatchSampler, ShardIndex, collate, model_batch
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m training.eval", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="an SFT/RFT checkpoint directory")
-    ap.add_argument("--config", default="configs/train/sft_tiny.yaml", help="training config (data paths)")
+    ap.add_argument("--config", default=str(CONFIG_DIR / "sft_tiny.yaml"), help="training config (data paths)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, repeatable")
     ap.add_argument("--max-samples", type=int, default=None, help="stop after this many samples")

@@ -41,6 +41,7 @@ import torch
 
 from annotators.training_prompt import CAMERAS_FOR_MODEL
 from pipelines.config import dump_config, load_config
+from training.config import CONFIG_DIR
 from training.grpo_loss import LossConfig, group_advantages, grpo_loss
 from training.model import LORA_TARGETS, ModelConfig, load_model, read_num_action_tokens
 from training.rewards import RewardRunner, RewardsConfig
@@ -437,7 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m training.grpo",
         description="GRPO reinforcement fine-tuning with driving rewards (RFS, ADE, collision, PDM).",
     )
-    ap.add_argument("--config", default="configs/train/rft_tiny.yaml", help="RFT YAML config")
+    ap.add_argument("--config", default=str(CONFIG_DIR / "rft_tiny.yaml"), help="RFT YAML config")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set rollout.num_generations=16 (repeatable)")
     args, extra = ap.parse_known_args(argv)

@@ -57,7 +57,7 @@ import torch.distributed as dist
 
 from pipelines.config import dump_config, load_config, to_dict
 from training import checkpoint as ckpt
-from training.config import TrainConfig
+from training.config import CONFIG_DIR, TrainConfig
 from training.data import BuiltRows, LengthGroupedBatchSampler, ShardIndex, collate, model_batch
 from training.loss import Denominators, keep_positions, local_denominators, sft_loss
 from training.model import (
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         description="SFT of Qwen2.5-VL with discrete action tokens (see the module docstring for launch "
         "commands). Config: configs/train/*.yaml; every key can be overridden with --set key.sub=value.",
     )
-    ap.add_argument("--config", default="configs/train/sft_tiny.yaml", help="YAML config (default: %(default)s)")
+    ap.add_argument("--config", default=str(CONFIG_DIR / "sft_tiny.yaml"), help="YAML config (default: %(default)s)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set optim.lr=1e-4 --set model.lora=true (repeatable)")
     ap.add_argument("overrides_tail", nargs="*", metavar="KEY=VALUE", help="more overrides (key.sub=value)")

@@ -255,7 +255,7 @@ def run_stage(
         results = run_on_beam(stage, parts, out, kwargs, beam_options or [])
     summary = RunSummary(stage.name, out, sorted(results, key=lambda r: r.partition), time.perf_counter() - start)
     write_manifest(stage, out, summary)
-    log.info("%s", summary.format())
+    log.debug("%s", summary.format())  # the CLI prints it; library callers get the summary object
     return summary
 
 
