@@ -134,7 +134,7 @@ SAMPLE_FIELDS: list[pa.Field] = [
     pa.field("meta_longitudinal", pa.string()),  # Longitudinal of the future
     pa.field("history_meta_lateral", pa.string()),  # Lateral of the history (+ current pose)
     pa.field("history_meta_longitudinal", pa.string()),
-    pa.field("preference_trajectories", pa.list_(pa.list_(XY_TYPE))),  # WOD-E2E: (R,P,2) x,y ego frame
+    pa.field("preference_trajectories", pa.list_(pa.list_(XY_TYPE))),  # WOD-E2E: (R,P,2) x,y ego frame, native 4 Hz
     pa.field("preference_scores", pa.list_(pa.float32())),  # WOD-E2E: (R,) in [0,10]
     pa.field("objects", pa.list_(OBJECT_TYPE)),  # nuScenes/nuPlan objects at t0
     pa.field("drivelm_qa", pa.list_(QA_TYPE)),  # optional DriveLM-nuScenes QA

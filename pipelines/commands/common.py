@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from pipelines.core.runner import ENGINES, RunSummary, run_stage
@@ -15,20 +16,27 @@ log = logging.getLogger(__name__)
 def add_engine_args(parser: argparse.ArgumentParser, default: str = "ray") -> None:
     """``--engine``, ``--workers`` and ``--beam-options`` (which takes the rest of the line)."""
     g = parser.add_argument_group("execution")
+    # "%(default).0s" prints nothing; it only stops ArgumentDefaultsHelpFormatter from
+    # appending "(default: None)" where the help text already says what happens.
     g.add_argument(
         "--engine",
         choices=ENGINES,
         default=default,
-        help=f"where partitions run: local (this process), ray (local Ray, or the cluster in RAY_ADDRESS), "
-        f"beam (Apache Beam; DirectRunner unless --beam-options says otherwise). Default: {default}",
+        help="where partitions run: local (this process), ray (local Ray, or the cluster in RAY_ADDRESS), "
+        "beam (Apache Beam; DirectRunner unless --beam-options says otherwise). Default: %(default)s",
     )
-    g.add_argument("--workers", type=int, default=None, help="parallel workers (Ray); default: all CPUs")
+    g.add_argument("--workers", type=int, default=None, help="parallel workers (Ray); default: all CPUs%(default).0s")
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (e.g. ray://head:10001 or auto); default: $RAY_ADDRESS, else a local Ray%(default).0s",
+    )
     g.add_argument(
         "--beam-options",
         nargs=argparse.REMAINDER,
         default=[],
         help="Beam pipeline options, e.g. --runner=DataflowRunner --project=P --region=R "
-        "--temp_location=gs://... (must come last on the command line)",
+        "--temp_location=gs://... (must come last on the command line)%(default).0s",
     )
 
 
@@ -45,6 +53,8 @@ def add_set_arg(parser: argparse.ArgumentParser) -> None:
 
 def run_with_engine(stage: Stage, out: Path, args: argparse.Namespace, **kwargs) -> RunSummary:
     """Run ``stage`` with the engine options of ``args`` and log the summary."""
+    if getattr(args, "ray_address", None):
+        os.environ["RAY_ADDRESS"] = args.ray_address  # read by pipelines.core.ray_engine.ensure_ray
     return run_stage(
         stage,
         out,
