@@ -79,6 +79,14 @@ def iter_records(
             yield key, value
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ResultCache:
     """Results of one scope (e.g. one input partition); values are JSON dicts with a ``status``."""
 
@@ -123,12 +131,21 @@ class ResultCache:
             # O_APPEND + O_EXCL: our own new file; appends land at the end even if reopened.
             fd = os.open(self.segment, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             self._fh = os.fdopen(fd, "ab", buffering=0)
+            _fsync_dir(self.directory)  # the new file's name must survive a crash too
         return self._fh
 
     def _write_sync(self, data: bytes) -> None:
         fh = self._open()
-        fh.write(data)
-        os.fsync(fh.fileno())
+        try:
+            view = memoryview(data)
+            while view:  # an unbuffered write may be partial (e.g. a full disk)
+                view = view[fh.write(view) :]
+            os.fsync(fh.fileno())
+        except BaseException:
+            # The segment may now end in a torn line; later records appended to it would be
+            # glued to that fragment and lost on load. Continue in a fresh segment instead.
+            self.close()
+            raise
 
     def append(self, key: str, value: dict[str, Any]) -> None:
         """Commit one record (durable when this returns)."""
@@ -162,5 +179,5 @@ class ResultCache:
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            fh.close()

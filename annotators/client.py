@@ -55,6 +55,7 @@ _CONTEXT_HINTS = (
 # that bounded. The default transport (annotators.transport) needs no sharding.
 CONNECTIONS_PER_POOL = 4
 
+
 class AnnotationError(Exception):
     """A request that ended without a usable answer; ``error_class`` is the counter key."""
 
@@ -104,6 +105,11 @@ def _snippet(resp: httpx.Response) -> str:
     return " ".join(resp.text[:200].split())
 
 
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with ``secret`` masked (servers may echo a rejected key in their error body)."""
+    return text.replace(secret, "***") if secret else text
+
+
 class VLMClient:
     """One client per worker; use as ``async with VLMClient(cfg) as c: await c.complete(req, parse)``."""
 
@@ -124,6 +130,7 @@ class VLMClient:
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
+        self._secret = key or None  # only for masking it in error messages
         if transport is None and cfg.transport == "fast":
             transport = FastHTTPTransport()
         per_pool = CONNECTIONS_PER_POOL if transport is None else cfg.max_in_flight
@@ -268,7 +275,9 @@ class VLMClient:
                     self.stats.errors[cls] += 1
                     self.stats.failed += 1
                     raise AnnotationError(
-                        cls, f"HTTP {status} from {ep.url}: {_snippet(resp)}", attempts
+                        cls,
+                        redact(f"HTTP {status} from {ep.url}: {_snippet(resp)}", self._secret),
+                        attempts,
                     )
             except httpx.TimeoutException as exc:
                 outcome, err = (
@@ -282,6 +291,11 @@ class VLMClient:
                 outcome, err = (
                     OVERLOAD,
                     ("ConnectionError", f"{type(exc).__name__} talking to {ep.url}: {exc}"),
+                )
+            except httpx.RequestError as exc:  # e.g. DecodingError: a bad body, not a bad server
+                outcome, err = (
+                    ERROR,
+                    ("MalformedResponse", f"{type(exc).__name__} from {ep.url}: {exc}"),
                 )
             finally:
                 self._free[ep.url].append(http)
@@ -330,6 +344,7 @@ class VLMClient:
                 return comp, parsed
 
             cls, msg = err
+            msg = redact(msg, self._secret)
             self.stats.errors[cls] += 1
             transient += 1
             if transient >= cfg.max_attempts:

@@ -224,4 +224,13 @@ class PartitionAnnotator:
                     refresh=False,
                 )
 
-        await asyncio.gather(*(one(p, k) for _, p, k in todo))
+        tasks = [asyncio.ensure_future(one(p, k)) for _, p, k in todo]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            # e.g. the cache cannot be written: stop the other requests instead of leaving
+            # them running in the worker's loop after their partition has failed.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise

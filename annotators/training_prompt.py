@@ -323,7 +323,8 @@ def parse_completion(
     Action ids come from the ``<answer>`` block (the whole text if there is
     none) via ``tokenizer.tokenizer.parse_action_tokens``; they are never
     padded or truncated: a wrong count, an unknown or malformed token, a
-    missing block or stray text inside the block each add an error, and
+    missing block, stray text inside the block or text outside the
+    ``[<think>...</think>]<answer>...</answer>`` layout each add an error, and
     callers treat any error as a malformed output.
     """
     errors: list[str] = []
@@ -339,6 +340,12 @@ def parse_completion(
         inner = body[start + len(ANSWER_OPEN) : end]
         if _ACTION_RE.sub("", inner).strip():
             errors.append("text other than action tokens inside <answer>")
+        # The layout is exactly [<think>...</think>] <answer>...</answer>: anything else is malformed.
+        lead = body[:start]
+        if mode == ThinkMode.SLOW.value:  # an unclosed <think> is reported above
+            lead = lead.split(THINK_CLOSE, 1)[1] if THINK_CLOSE in lead else ""
+        if lead.strip() or body[end + len(ANSWER_CLOSE) :].strip():
+            errors.append("text outside the <think> and <answer> blocks")
     res = _parse_action_ids(inner, num_action_tokens, num_steps)
     return mode, list(res.ids), errors + list(res.errors)
 

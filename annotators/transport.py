@@ -95,8 +95,10 @@ class FastHTTPTransport(httpx.AsyncBaseTransport):
         lines += [f"{k.decode('latin-1')}: {v.decode('latin-1')}" for k, v in request.headers.raw]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         origin = (url.host, url.port or 80)
-        for _ in range(2):
-            conn = await self._get(origin, timeouts.get("connect"), request)
+        for attempt in range(2):
+            # The retry after a stale connection takes a fresh one: after a server restart
+            # every idle connection may be dead, and popping another would fail the same way.
+            conn = await self._get(origin, timeouts.get("connect"), request, fresh=attempt > 0)
             try:
                 return await self._exchange(conn, origin, head, body, timeouts, request)
             except _StaleConnection:
@@ -106,9 +108,13 @@ class FastHTTPTransport(httpx.AsyncBaseTransport):
         )
 
     async def _get(
-        self, origin: tuple[str, int], timeout: float | None, request: httpx.Request
+        self,
+        origin: tuple[str, int],
+        timeout: float | None,
+        request: httpx.Request,
+        fresh: bool = False,
     ) -> _Conn:
-        idle = self._idle.get(origin)
+        idle = None if fresh else self._idle.get(origin)
         while idle:
             conn = idle.pop()
             if conn.usable():
@@ -150,9 +156,15 @@ class FastHTTPTransport(httpx.AsyncBaseTransport):
                 raise httpx.WriteTimeout("sending the request timed out", request=request) from None
             try:
                 async with _timeout(timeouts.get("read")):
-                    status_head = await conn.reader.readuntil(b"\r\n\r\n")
-                    got_bytes = True
-                    status, headers, keep = _parse_head(status_head)
+                    while True:
+                        status_head = await conn.reader.readuntil(b"\r\n\r\n")
+                        got_bytes = True
+                        status, headers, keep = _parse_head(status_head, request)
+                        # 1xx (e.g. 100 Continue, 103 Early Hints) are interim: the real
+                        # response follows on the same connection; returning the interim one
+                        # would leave the final response in the buffer for the next request.
+                        if not 100 <= status < 200 or status == 101:
+                            break
                     content, delimited = await _read_body(conn.reader, headers, status, request)
                     keep = keep and delimited
             except TimeoutError:
@@ -174,6 +186,11 @@ class FastHTTPTransport(httpx.AsyncBaseTransport):
         except asyncio.LimitOverrunError:
             conn.close()
             raise httpx.RemoteProtocolError("response head too large", request=request) from None
+        except ValueError as exc:  # unparsable status code, Content-Length or chunk size
+            conn.close()
+            raise httpx.RemoteProtocolError(
+                f"malformed response framing ({exc})", request=request
+            ) from None
         except BaseException:  # timeouts, cancellation: the connection state is unknown
             conn.close()
             raise
@@ -196,12 +213,14 @@ class FastHTTPTransport(httpx.AsyncBaseTransport):
             await self._tls.aclose()
 
 
-def _parse_head(raw: bytes) -> tuple[int, list[tuple[str, str]], bool]:
+def _parse_head(
+    raw: bytes, request: httpx.Request | None = None
+) -> tuple[int, list[tuple[str, str]], bool]:
     text = raw.decode("latin-1")
     first, _, rest = text.partition("\r\n")
     parts = first.split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/"):
-        raise httpx.RemoteProtocolError(f"bad status line {first!r}")
+    if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+        raise httpx.RemoteProtocolError(f"bad status line {first!r}", request=request)
     headers = []
     keep = parts[0] == "HTTP/1.1"
     for line in rest.split("\r\n"):
@@ -235,8 +254,11 @@ async def _read_body(
                     pass
                 return b"".join(chunks), True
             chunks.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+            if await reader.readexactly(2) != b"\r\n":
+                raise ValueError(f"chunk of {size} bytes not followed by CRLF")
     if "content-length" in lower:
         n = int(lower["content-length"])
+        if n < 0:
+            raise ValueError(f"negative Content-Length {n}")
         return (await reader.readexactly(n) if n else b""), True
     return await reader.read(), False

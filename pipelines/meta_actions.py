@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from pipelines.geometry import poses_to_local
 from schemas.enums import Lateral, Longitudinal
 
 
@@ -35,6 +36,7 @@ def speeds(poses: np.ndarray, dt: float, start: np.ndarray | None = None) -> np.
 
 
 def longitudinal(v0: float, v1: float, cfg: MetaActionConfig = MetaActionConfig()) -> Longitudinal:
+    """Section 5's longitudinal rule from the first (``v0``) and last (``v1``) speed, in order."""
     if v0 < cfg.stop_speed and v1 < cfg.stop_speed:
         return Longitudinal.STOP
     if v1 < cfg.stop_speed:
@@ -51,6 +53,7 @@ def longitudinal(v0: float, v1: float, cfg: MetaActionConfig = MetaActionConfig(
 
 
 def lateral(y: np.ndarray, cfg: MetaActionConfig = MetaActionConfig()) -> Lateral:
+    """Section 5's lateral rule from the lateral offsets ``y`` (ego frame, +y left) of a moving trajectory."""
     y = np.asarray(y, dtype=np.float64)
     if (np.abs(y) < cfg.lane_keep_y).all():
         return Lateral.MOVE_FORWARD
@@ -77,10 +80,9 @@ def history_meta_action(
 
     The history is re-expressed in the frame of its oldest pose so that the
     lateral rule ("offset relative to where the motion started") means the
-    same as for the future. Returns ``(None, None)`` with fewer than 2 poses.
+    same as for the future: v0 is the oldest step's speed, v1 the last one's
+    (into the current pose). Returns ``(None, None)`` for an empty history.
     """
-    from pipelines.geometry import poses_to_local
-
     h = np.asarray(history, dtype=np.float64).reshape(-1, 3)
     if len(h) < 1:
         return None, None

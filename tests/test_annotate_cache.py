@@ -51,3 +51,42 @@ def test_async_group_commit(tmp_path):
 def test_missing_directory_loads_empty(tmp_path):
     got, stats = ResultCache(tmp_path / "nope").load()
     assert got == {} and stats.segments == 0
+
+
+class _Disk:
+    """A segment file handle that writes at most ``step`` bytes per call, optionally failing once."""
+
+    def __init__(self, fh, step: int, fail_after: int | None = None) -> None:
+        self.fh, self.step, self.fail_after = fh, step, fail_after
+
+    def write(self, data) -> int:
+        if self.fail_after is not None:
+            self.fh.write(bytes(data[: self.fail_after]))
+            raise OSError(28, "No space left on device")
+        return self.fh.write(bytes(data[: self.step]))
+
+    def fileno(self) -> int:
+        return self.fh.fileno()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def test_partial_and_failed_writes_lose_no_committed_record(tmp_path):
+    c = ResultCache(tmp_path)
+    c._fh = _Disk(c._open(), step=7)  # short writes: every byte must still land
+    c.append("short", {"status": "ok", "text": "x" * 100})
+    first = c.segment
+    c._fh = _Disk(c._fh.fh, step=7, fail_after=20)  # a full disk mid-line
+    try:
+        c.append("lost", {"status": "ok"})
+    except OSError:
+        pass
+    else:
+        raise AssertionError("the failed write must raise: the record is not done")
+    c.append("after", {"status": "ok"})  # must not be glued to the torn fragment
+    c.close()
+    assert c.segment != first
+    got, stats = ResultCache(tmp_path).load()
+    assert set(got) == {"short", "after"} and got["short"]["text"] == "x" * 100
+    assert stats.torn == 1 and stats.corrupt == 0

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import time
 
+import httpx
 import pytest
 
 from annotators.client import AnnotationError, PreflightError, VLMClient
@@ -217,6 +218,34 @@ def test_wrong_api_key_is_a_permanent_auth_error(prompts, monkeypatch):
     with FakeVLMServer(FaultConfig(model=MODEL, api_key="right")) as srv:
         (res,), _ = _run(dataclasses.replace(cfg0, endpoints=(srv.base_url,)), [req])
     assert isinstance(res, AnnotationError) and res.error_class == "AuthError" and len(srv.log) == 0
+
+
+def test_key_echoed_by_the_server_is_masked_in_errors(prompts, monkeypatch):
+    # Some servers quote a rejected key in their error body; the message lands in the cache
+    # and in the dataset's annotation_error column, so the key must not survive in it.
+    secret = "sk-test-ECHOED-0123456789"
+    monkeypatch.setenv("DRIVEVLA_TEST_KEY", secret)
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        status = 401 if request.url.path.endswith("/a/chat/completions") else 500
+        key = request.headers["authorization"].removeprefix("Bearer ")
+        return httpx.Response(status, json={"error": f"Incorrect API key provided: {key}"})
+
+    async def go():
+        out = []
+        for url in ("http://test/a", "http://test/b"):  # permanent (401) and retried (500) paths
+            cfg = _cfg(url, api_key_env="DRIVEVLA_TEST_KEY", max_attempts=2)
+            async with VLMClient(cfg, transport=httpx.MockTransport(echo)) as c:
+                try:
+                    await c.complete(build_chat_request(prompts[0], cfg), parse_answer)
+                except AnnotationError as exc:
+                    out.append(exc)
+        return out
+
+    errs = asyncio.run(go())
+    assert [e.error_class for e in errs] == ["AuthError", "ServerError"]
+    for e in errs:
+        assert secret not in str(e) and secret not in e.message and "***" in e.message
 
 
 def test_httpx_transport_option_works(prompts):

@@ -125,3 +125,20 @@ def test_config_file_matches_the_defaults() -> None:
     from tokenizer.fit import CodebookConfig
 
     assert load_config(CodebookConfig, DEFAULT_CONFIG) == CodebookConfig()
+
+
+def test_encode_column_isolates_each_bad_row(data) -> None:
+    from pipelines.stages.tokenize import encode_column
+
+    tok = ActionTokenizer(load_codebook(data / "codebook"), workers=1)
+    fut = simulate_futures(6, seed=4).tolist()
+    fut[1][9] = None  # a null pose: flatten() would drop it and shift the rows after it
+    fut[2][3][0] = float("nan")
+    fut[3] = fut[3][:9]
+    fut[4] = None
+    col = pa.chunked_array([pa.array(fut, type=SCHEMA.field("future").type)])
+    ids, bad = encode_column(tok, col)
+    assert sorted(bad) == [1, 2, 3] and "null pose" in bad[1] and "NaN" in bad[2] and "9 poses" in bad[3]
+    assert ids[1] is None and ids[4] is None
+    good = np.array([fut[0], fut[5]], np.float64)
+    np.testing.assert_array_equal(np.array([ids[0], ids[5]]), tok.encode(good))

@@ -57,6 +57,25 @@ def test_resize_uses_draft_and_keeps_geometry():
     assert (same.width, same.height) == (out.width, out.height)
 
 
+def test_draft_decode_maps_source_edges_exactly_for_odd_sizes():
+    """libjpeg's 1/8 output is ceil(W/8) wide; the resize must use the source's exact extent."""
+    from pipelines.io.images import decode_resized
+
+    w, h = 8 * 300 + 1, 8 * 200 + 1  # not a multiple of the DCT scale: the last draft pixel is padding
+    arr = np.zeros((h, w), np.uint8)
+    arr[:, 2000:] = 255  # a sharp edge on a block boundary
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=100)
+    for draft in (True, False):
+        im, src = decode_resized(buf.getvalue(), ImageConfig(max_pixels=60_000, multiple=4, draft=draft))
+        assert src == (w, h) and im.size == (296, 200)
+        row = np.asarray(im.convert("L"), dtype=float).mean(axis=0)
+        j = int(np.argmax(row > 127.5))
+        crossing = j - 1 + (127.5 - row[j - 1]) / (row[j] - row[j - 1])
+        # pixel-centre coordinates, as scale_intrinsics assumes (the old draft path was 0.65 px off)
+        assert abs(crossing - (2000 * im.size[0] / w - 0.5)) < 0.2, draft
+
+
 def test_scaled_intrinsics_project_like_the_original():
     k = np.array([[1000.0, 0, 959.5], [0, 1000.0, 639.5], [0, 0, 1]])
     k2 = scale_intrinsics(k, (1920, 1280), (588, 392))
@@ -152,3 +171,63 @@ def test_track_headings_follow_an_arc_and_hold_when_static():
     np.testing.assert_allclose(track_headings(xy, 15, 0.2, vel), ang, atol=1e-9)
     static = np.zeros((36, 2))
     assert (track_headings(static, 15, 0.2) == 0).all()
+
+
+def _future(speeds, y=None):
+    """A future (10,3) along +x whose 0.5 s steps have the given speeds, with optional lateral offsets."""
+    x = np.cumsum(np.asarray(speeds, dtype=float) * 0.5)
+    y = np.zeros_like(x) if y is None else np.asarray(y, dtype=float)
+    return np.stack([x, y, np.zeros_like(x)], axis=1)
+
+
+@pytest.mark.parametrize(
+    "speeds, want",
+    [
+        ([0.1] * 10, "stop"),
+        ([5.0] * 9 + [0.2], "deceleration to zero"),
+        ([5.0] * 9 + [5.7], "constant speed"),
+        ([1.0] + [9.0] * 8 + [3.0], "quick acceleration"),  # first and last speed only, not the mean
+        ([5.0] * 9 + [7.0], "acceleration"),
+        ([6.0] * 9 + [2.0], "quick deceleration"),
+        ([6.0] * 9 + [4.0], "deceleration"),
+        ([0.2] * 9 + [1.5], "quick acceleration"),  # v0 stopped, v1 moving
+    ],
+)
+def test_longitudinal_meta_action_follows_design_section_5(speeds, want):
+    from pipelines.meta_actions import future_meta_action
+
+    lat, lon = future_meta_action(_future(speeds))
+    assert lon.value == want
+    assert (lat.value == "none") == (want == "stop")  # lateral is not used only when stopped
+
+
+@pytest.mark.parametrize(
+    "y, want",
+    [
+        ([0.0] * 9 + [1.9], "move forward"),
+        ([0.0] * 8 + [3.0, 4.5], "turn left"),
+        ([0.0] * 8 + [-3.0, -4.5], "turn right"),
+        ([0.0] * 8 + [2.5, 3.5], "change lane to left"),
+        ([0.0] * 5 + [-2.5] * 5, "change lane to right"),
+        ([0.0] * 4 + [-2.5] * 5 + [0.5], "change lane to left"),  # by the sign of the final y
+    ],
+)
+def test_lateral_meta_action_follows_design_section_5(y, want):
+    from pipelines.meta_actions import future_meta_action
+
+    lat, _ = future_meta_action(_future([8.0] * 10, y))
+    assert lat.value == want
+
+
+def test_history_meta_action_runs_from_the_oldest_pose_to_now():
+    from pipelines.meta_actions import history_meta_action
+
+    # oldest .. newest at 2 Hz, ending 0.5 s before the origin: speeds 2 (oldest step) .. 6 (into now)
+    hist = np.array([[-7.5, 0, 0], [-6.5, 0, 0], [-5.0, 0, 0], [-3.0, 0, 0]])
+    lat, lon = history_meta_action(hist)
+    assert (lat.value, lon.value) == ("move forward", "quick acceleration")  # v0 = 2, v1 = 6
+    # heading north, then east: in the oldest pose's frame the track ends 6 m to the right
+    turn = np.array([[-6.0, -6.0, np.pi / 2], [-6.0, -2.0, np.pi / 2], [-4.0, 0.0, 0.0], [-2.0, 0.0, 0.0]])
+    lat, _ = history_meta_action(turn)
+    assert lat.value == "turn right"  # now is 6 m right of where the track started
+    assert history_meta_action(np.zeros((0, 3))) == (None, None)

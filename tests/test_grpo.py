@@ -236,6 +236,16 @@ def test_reward_favouring_a_token_raises_its_probability(tiny):
     assert p1 > p0 + 0.3, (p0, p1, rewards)
 
 
+def test_single_iteration_ratio_is_exactly_one(tiny):
+    tr, rows, ex = _trainer(tiny, None, G=16, max_new=2, top_p=0.02,
+                            loss=LossConfig(clip_high=0.0, clip_low=0.0, mask_truncated=False))
+    _favour_first_token(tr, _argmax_first_token(tr, ex[0]))
+    m = tr.step(0, rows, ex, [0])
+    assert m["tokens_trained"] > 0 and m["grad_norm"] > 0  # zero-width clipping still passes the gradient
+    assert m["ratio_mean"] == 1.0 and m["clip_low_frac"] == m["clip_high_frac"] == 0.0
+    assert m["reward/favour_count"] == 16 and m["reward/total_count"] == 16
+
+
 def test_num_iterations_and_kl_use_stored_and_reference_logprobs(tiny):
     loss = LossConfig(num_iterations=2, kl_beta=0.1, clip_high=0.01, clip_low=0.01, mask_truncated=False)
     tr, rows, ex = _trainer(tiny, None, G=16, max_new=2, lr=1e-2, top_p=0.02, loss=loss)
@@ -284,7 +294,8 @@ def test_config_validation():
         LossConfig(num_iterations=0)
 
 
-def test_cli_runs_checkpoints_and_resumes(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("lora", [True, False])
+def test_cli_runs_checkpoints_and_resumes(tiny, tmp_path, capsys, lora):
     import json
 
     from training.grpo import main
@@ -294,13 +305,16 @@ def test_cli_runs_checkpoints_and_resumes(tiny, tmp_path, capsys):
     common = ["--config", "configs/train/rft_tiny.yaml", "--set", f"model.path={tiny}",
               "--set", f"data.train_files={build}/train-*.parquet", "--set", f"data.codebook_dir={codebook}",
               "--set", f"out_dir={out}", "--set", "save_every=1", "--set", "rollout.max_new_tokens=8"]
+    if not lora:  # full-parameter RFT resumes from the checkpoint's full weights (no KL reference)
+        common += ["--set", "model.lora=false", "--set", "loss.kl_beta=0.0"]
     assert main([*common, "--set", "max_steps=2"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
     assert main([*common, "--set", "max_steps=3"]) == 0  # resumes at step 2
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     for key in ("reward/total", "reward/driving", "reward/format", "reward/cot_penalty", "dropped_groups",
-                "slow_share", "completion_tokens_mean", "reward_failed"):
+                "slow_share", "completion_tokens_mean", "reward_failed", "reward/total_count"):
         assert key in lines[-1], key
-    assert (out / "checkpoints" / "step_0000003" / "adapter_model.safetensors").is_file()
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    assert (out / "checkpoints" / "step_0000003" / weights).is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3

@@ -10,12 +10,14 @@ import pytest
 from pipelines.geometry import box_corners
 from training.rewards import (
     ADEReward,
+    CollisionReward,
     Completion,
     CoTPenalty,
     MissingDependencyError,
     NavsimPDMReward,
     RaterFeedbackReward,
     RewardBudgetExceeded,
+    RewardError,
     RewardRunner,
     RewardsConfig,
     RFSConfig,
@@ -135,6 +137,49 @@ def test_rfs_not_applicable_and_invalid_raters():
     np.testing.assert_allclose(r[0, 12:], np.repeat(r[0, 11:12], 8, axis=0))  # padded with the last point
 
 
+def test_rfs_scores_only_3s_and_5s_on_the_4hz_grid():
+    raters = straight(10.0, 4.0, 20)[None]
+    scores = np.array([9.0])
+    off = np.ones(20, bool)
+    off[[11, 19]] = False  # steps 11 and 19 are 3.0 s and 5.0 s (Waymo's indices)
+    pred = raters.copy()
+    pred[0, off, 1] += 5.0  # far off everywhere else
+    score, inside = rater_feedback_score(pred, raters, scores, v0=11.0)
+    assert inside[0] and score[0] == pytest.approx(9.0)
+    at3 = raters.copy()
+    at3[0, 11, 1] += 1.5  # 1.5 m lateral at 3 s only: norm 1.5 there
+    score, inside = rater_feedback_score(at3, raters, scores, v0=11.0)
+    assert not inside[0] and score[0] == pytest.approx(max((9 * 0.1**0.5 + 9) / 2, 4.0))
+
+
+def test_rfs_floor_lifts_only_predictions_outside_every_region():
+    row = wod_row()
+    raters, scores = prepare_raters(row["preference_trajectories"], row["preference_scores"])
+    stop = raters[2:3]  # exactly the brake-to-stop rater, rated 2
+    score, inside = rater_feedback_score(stop, raters, scores, v0=10.0)
+    assert inside[0] and score[0] == pytest.approx(2.0)  # inside a region: no floor (as Waymo)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"velocity": [float("nan"), 0.0]}, "velocity"),
+        ({"preference_scores": [9.0, 12.0, 2.0]}, "score 1 is 12.0"),
+        ({"preference_scores": [9.0, float("nan"), 2.0]}, "score 1 is nan"),
+        ({"preference_scores": [9.0, 6.0]}, "3 preference trajectories but 2 scores"),
+    ],
+)
+def test_rfs_bad_rows_fail_and_are_not_scored(change, match, caplog):
+    row = dict(wod_row(), **change)
+    pred = poses(straight(10.0, 2.0, 10))
+    with pytest.raises(RewardError, match=match):
+        RaterFeedbackReward()([(row, completion(pred))])
+    cfg = RewardsConfig(weights={"rfs": 1.0, "ade": 1.0}, executor="inline")
+    with RewardRunner(cfg) as runner:
+        res = runner.score([row], [completion(pred)])
+    assert res.failed[0] and np.isnan(res.total[0]) and res.failures["rfs"] == 1
+
+
 def test_resample_2hz_to_4hz_is_exact_on_a_line():
     np.testing.assert_allclose(resample(straight(8.0, 2.0, 10), 0.5, 4.0, 5.0), straight(8.0, 4.0, 20))
 
@@ -154,6 +199,15 @@ def test_collision_detects_a_crossing_box_and_not_a_parallel_one():
     # the same crossing object, one second late, passes behind the ego
     late = dict(crossing, y=-14.0)
     assert not collides(ego, [late])
+
+
+def test_collision_refuses_a_nan_object_box():
+    ego = poses(straight(8.0, 2.0, 10))
+    bad = {"category": "vehicle", "track_id": "t7", "x": 50.0, "y": 9.0, "heading": 0.0,
+           "length": float("nan"), "width": 1.9, "vx": 0.0, "vy": 0.0}  # far away, but NaN
+    row = {"sample_id": "nuscenes/s/2", "objects": [bad]}
+    with pytest.raises(RewardError, match="nuscenes/s/2.*t7"):
+        CollisionReward()([(row, completion(ego))])
 
 
 def test_boxes_overlap_oriented():

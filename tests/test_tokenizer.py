@@ -150,6 +150,54 @@ def test_fast_fit_equals_plain_reference() -> None:
         assert len(fast.tokens) == k
 
 
+def independent_kdisk(
+    segs: np.ndarray, k: int, tol: float, seed: int, length: float = 4.8, width: float = 2.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """DESIGN.md section 4 written out from scratch (no tokenizer helpers): tokens and centres."""
+    hl, hw = length / 2, width / 2
+    x, y, th = segs[:, 0], segs[:, 1], segs[:, 2]
+    c, s = np.cos(th), np.sin(th)
+    corners = np.stack(
+        [
+            np.stack([x + c * hl - s * hw, y + s * hl + c * hw], -1),  # front-left
+            np.stack([x + c * hl + s * hw, y + s * hl - c * hw], -1),  # front-right
+            np.stack([x - c * hl + s * hw, y - s * hl - c * hw], -1),  # back-right
+            np.stack([x - c * hl - s * hw, y - s * hl + c * hw], -1),  # back-left
+        ],
+        axis=1,
+    )
+    still = np.array([[hl, hw], [hl, -hw], [-hl, -hw], [-hl, hw]])
+
+    def dist(ref: np.ndarray) -> np.ndarray:
+        return np.linalg.norm(corners - ref, axis=-1).mean(-1)
+
+    left = dist(still) > tol  # stand still takes its disk first
+    tokens, centres = [np.zeros(3)], [-1]
+    rng = np.random.default_rng(seed)
+    while len(tokens) < k and left.any():
+        rem = np.flatnonzero(left)
+        ctr = rem[rng.integers(rem.size)]  # the r-th remaining segment in input order
+        disk = left & (dist(corners[ctr]) <= tol)
+        m = segs[disk]
+        circ = np.arctan2(np.sin(m[:, 2]).mean(), np.cos(m[:, 2]).mean())
+        tokens.append([m[:, 0].mean(), m[:, 1].mean(), circ])
+        centres.append(ctr)
+        left &= ~disk
+    return np.array(tokens), np.array(centres)
+
+
+def test_fast_fit_equals_an_independent_implementation(caplog: pytest.LogCaptureFixture) -> None:
+    segs = future_segments(simulate_futures(2_000, seed=5)).reshape(-1, 3)  # 20k segments
+    # run to exhaustion (every block, many compactions) and a K-limited fit
+    for k, tol, seed in ((10**6, 0.2, 7), (128, 0.05, 0)):
+        with caplog.at_level(logging.WARNING, logger="tokenizer.kdisk"):
+            fast = kdisk_fit(segs, k, tol, seed)
+        tokens, centres = independent_kdisk(segs, k, tol, seed)
+        np.testing.assert_array_equal(fast.centres, centres)
+        np.testing.assert_allclose(fast.tokens, tokens, rtol=0, atol=1e-12)
+    assert fast.members.sum() < len(segs)  # the K-limited fit left segments over
+
+
 def test_fit_method_facts() -> None:
     segs = future_segments(simulate_futures(1_000, seed=2)).reshape(-1, 3)
     res = kdisk_fit(segs, 100, 0.05, seed=0)
@@ -290,6 +338,7 @@ def test_codebook_round_trip(tmp_path) -> None:
         ({"frequency_hz": 10.0}, "frequency_hz"),
         ({"surprise": 1}, "unknown keys"),
         ({"tensors_sha256": "0" * 64}, "belongs to other tensors"),
+        ({"tensors_sha256": ""}, "tensors_sha256 is empty"),
     ],
 )
 def test_tampered_metadata_is_refused(tmp_path, change, match) -> None:
@@ -332,6 +381,9 @@ def test_action_token_strings_and_parse() -> None:
     assert len(res.ids) == 11 and "extra action tokens" in res.errors[0]
     res = parse_action_tokens("<action_01>" + format_action_tokens([1] * 9), k=8)
     assert "malformed" in res.errors[0] and len(res.ids) == 9
+    for odd in ("\u00b2", "\u0663", "+3", " 3"):  # superscript two, Arabic-Indic three: not ids
+        res = parse_action_tokens(f"<action_{odd}>" + format_action_tokens([1] * 9), k=8)
+        assert res.ids == [1] * 9 and not res.ok
     assert parse_action_tokens("no tokens at all", k=8).errors == [
         "missing action tokens: found 0, expected 10"
     ]

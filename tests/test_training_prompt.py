@@ -117,6 +117,9 @@ def test_parse_completion_roundtrip_and_errors():
     assert any("no <answer>" in e for e in tp.parse_completion("<action_1>" * 10, K)[2])
     assert any("other than" in e for e in tp.parse_completion("<answer>go<action_1>" + "<action_1>" * 9 + "</answer>", K)[2])
     assert any("not closed" in e for e in tp.parse_completion("<think>\nScene: x <answer></answer>", K)[2])
+    ten = "<answer>" + "<action_1>" * 10 + "</answer>"
+    for stray in ("Sure! " + ten, ten + " done", "<think>\nx\n</think>\nso " + ten):
+        assert tp.parse_completion(stray, K)[2] == ["text outside the <think> and <answer> blocks"], stray
     assert tp.parse_meta_action("Meta-action: turn left, deceleration\n") == ("turn left", "deceleration")
     assert tp.parse_meta_action("Meta-action: fly, up\n") is None
 

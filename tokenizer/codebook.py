@@ -164,7 +164,11 @@ def load_codebook(path: str | Path) -> Codebook:
         raise CodebookError(f"{js_path}: frequency_hz {freq!r} does not match dt {meta.dt!r}")
     data = st_path.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
-    if meta.tensors_sha256 and meta.tensors_sha256 != digest:
+    if not meta.tensors_sha256:  # without it a JSON could vouch for any tensors of the same K
+        raise CodebookError(
+            f"{js_path}: tensors_sha256 is empty (write codebooks with save_codebook)"
+        )
+    if meta.tensors_sha256 != digest:
         raise CodebookError(
             f"{js_path}: tensors_sha256 does not match {st_path} (the metadata belongs to other tensors)"
         )

@@ -149,7 +149,9 @@ def _futures_from_column(
         )
     inner = arr.flatten()
     if inner.null_count:
-        raise ValueError(f"{where}: a future holds a null pose")
+        null_pose = inner.is_null().to_numpy(zero_copy_only=False).reshape(-1, FUTURE_STEPS)
+        i = int(np.flatnonzero(null_pose.any(axis=1))[0])
+        raise ValueError(f"{where}: sample {sids[valid][i]!r} has a null pose in its future")
     values = inner.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
     fut = values.reshape(-1, FUTURE_STEPS, 3)
     finite = np.isfinite(fut).all(axis=(1, 2))

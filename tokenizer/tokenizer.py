@@ -27,6 +27,7 @@ from tokenizer.segments import check_futures, compose_poses, relative_poses
 
 ACTION_TOKEN_FORMAT = "<action_{}>"
 _ACTION_RE = re.compile(r"<action_([^<>\s]*)>")
+_ACTION_ID_RE = re.compile(r"0|[1-9][0-9]*", re.ASCII)
 
 
 class ActionTokenizer:
@@ -153,7 +154,8 @@ def parse_action_tokens(text: str, k: int, expected: int = FUTURE_STEPS) -> Pars
     for m in _ACTION_RE.finditer(text):
         found += 1
         body = m.group(1)
-        if not body.isdigit() or (len(body) > 1 and body[0] == "0"):
+        # ASCII only: str.isdigit() also accepts e.g. '²' (int() fails) and '٣' (int() gives 3)
+        if not _ACTION_ID_RE.fullmatch(body):
             errors.append(f"malformed action token {m.group(0)!r} at character {m.start()}")
         elif int(body) >= k:
             errors.append(

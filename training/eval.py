@@ -54,9 +54,14 @@ def codebook_decoder(data_dir: str | Path) -> DecodeFn:
 
 @torch.no_grad()
 def generate(model: Any, batch: dict[str, Any], tokenizer: Any, max_new_tokens: int, **gen: Any) -> list[str]:
-    """Completions (text with special tokens, padding removed) for a left-padded batch."""
+    """Completions (text with special tokens, padding removed) for a left-padded batch.
+
+    Plain greedy decoding: the checkpoint's generation defaults (Qwen ships a 1.05
+    repetition penalty) are overridden, since a repeated action token is a valid plan.
+    """
     device = next(model.parameters()).device
     inputs = model_batch(batch, device)
+    gen = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, **gen}
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **gen)
     new = out[:, inputs["input_ids"].shape[1] :]
     pad = tokenizer.pad_token_id

@@ -65,7 +65,7 @@ log = logging.getLogger("training.grpo")
 
 @dataclass(frozen=True)
 class RFTDataConfig:
-    train_files: str = "data/build/train-*.parquet"  # glob(s), comma separated
+    train_files: str = "data/build/shards/train-*.parquet"  # glob(s), comma separated
     codebook_dir: str = "data/codebook"  # codebook.safetensors + codebook.json (K)
     cameras: tuple[str, ...] = CAMERAS_FOR_MODEL
     scenes_per_step: int = 8  # over all ranks; each scene yields rollout.num_generations completions
@@ -107,6 +107,8 @@ class RFTConfig:
             raise ValueError("precision must be bf16|fp32 and parallel auto|ddp|fsdp|none")
         if self.micro_batch_size < 1 or self.data.scenes_per_step < 1:
             raise ValueError("micro_batch_size and data.scenes_per_step must be >= 1")
+        if self.model.lora and not self.model.freeze_vision:
+            raise ValueError("model.lora=true trains the language model's adapter only; set model.freeze_vision=true")
         if self.loss.kl_beta > 0 and not self.model.lora:
             raise ValueError(
                 "loss.kl_beta > 0 needs model.lora=true: the reference policy is the model with its "
@@ -266,23 +268,21 @@ class Trainer:
         if tokens == 0:  # every group dropped on every rank: nothing to learn from this batch
             return out
         self.model.train()
-        with torch.no_grad():
-            for b in batches:
-                if cfg.loss.num_iterations > 1:  # the policy that sampled, before any update
-                    b["old_logp"] = self._logprobs(b).float()
-                if cfg.loss.kl_beta > 0:
-                    with reference_context(self.model):
-                        b["ref_logp"] = self._logprobs(b).float()
+        if cfg.loss.kl_beta > 0:
+            with torch.no_grad(), reference_context(self.model):
+                for b in batches:
+                    b["ref_logp"] = self._logprobs(b).float()
         sums = {"kl_sum": 0.0, "clip_low_sum": 0.0, "clip_high_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0}
-        for _ in range(cfg.loss.num_iterations):
+        for it in range(cfg.loss.num_iterations):
             self.optimizer.zero_grad(set_to_none=True)
             for j, b in enumerate(batches):
                 sync = j == len(batches) - 1 or self.dist.mode != "ddp"
                 ctx = contextlib.nullcontext() if sync else self.model.no_sync()
                 with ctx:
                     logp = self._logprobs(b).float()
-                    old = b.get("old_logp", logp.detach())
-                    loss, st = grpo_loss(logp, old, b["advantages"], b["completion_mask"], cfg.loss,
+                    if it == 0:  # the policy that sampled (no update yet): stored for later iterations,
+                        b["old_logp"] = logp.detach()  # so the first ratio is exactly 1
+                    loss, st = grpo_loss(logp, b["old_logp"], b["advantages"], b["completion_mask"], cfg.loss,
                                          ref_logp=b.get("ref_logp"), num_tokens=tokens)
                     # DDP/FSDP average gradients over ranks; the loss is normalised by the global count
                     (loss * self.dist.world).backward()
@@ -290,9 +290,10 @@ class Trainer:
                 for k, v in st.items():
                     sums[k] += float(v.item())
             params = [p for p in self.model.parameters() if p.requires_grad]
-            out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+            out["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)  # FSDP2
             self.optimizer.step()
-            self.scheduler.step()
+        self.scheduler.step()  # once per GRPO step: optim.warmup_steps counts steps, not iterations
         tot = self.dist.all_sum([sums[k] for k in sums], self.device)
         sums = dict(zip(sums, tot, strict=True))
         n = max(sums["tokens"], 1.0)
@@ -306,7 +307,12 @@ class Trainer:
     # ------------------------------------------------------------------ metrics
     def metrics(self, res: Any, comps: Sequence[Completion], adv: Any, train: np.ndarray,
                 truncated: np.ndarray) -> dict[str, float]:
-        """Per-step figures summed over ranks: reward components, format, slow share, lengths, drops."""
+        """Per-step figures summed over ranks: reward components, format, slow share, lengths, drops.
+
+        Reward components are NaN where they do not apply (e.g. driving rewards of a
+        malformed completion): each ``reward/<name>`` is the mean over the completions
+        it applied to, ``reward/<name>_count`` how many those were.
+        """
         names = sorted(res.components)
         n = len(comps)
         vals = [float(n)]
@@ -321,11 +327,14 @@ class Trainer:
         tot = self.dist.all_sum(vals, self.device)
         n = tot[0]
         out = {}
-        for j, k in enumerate(names):
-            out[f"reward/{k}"] = tot[1 + 2 * j] / max(tot[2 + 2 * j], 1.0)
+        for j, k in enumerate(names):  # NaN (not 0) when no completion of the step had the reward
+            count = tot[2 + 2 * j]
+            out[f"reward/{k}"] = tot[1 + 2 * j] / count if count else math.nan
+            out[f"reward/{k}_count"] = count
         rest = tot[1 + 2 * len(names) :]
         out.update({
-            "reward/total": rest[0] / max(rest[1], 1.0),
+            "reward/total": rest[0] / rest[1] if rest[1] else math.nan,
+            "reward/total_count": rest[1],
             "reward_failed": rest[2],
             "slow_share": rest[3] / n,
             "format_ok_share": rest[4] / n,
@@ -367,29 +376,30 @@ def train(cfg: RFTConfig) -> dict[str, float]:
     decoder = ActionDecoder.from_codebook(cfg.data.codebook_dir)
     if decoder.num_tokens != k:
         raise ValueError(f"codebook {cfg.data.codebook_dir} has {decoder.num_tokens} tokens, the model {k}")
-    model, processor = load_policy(cfg, k, device)
+    if cfg.data.scenes_per_step % dist.world:
+        raise ValueError(f"data.scenes_per_step={cfg.data.scenes_per_step} does not split over {dist.world} ranks")
+    ckpt = None if cfg.resume == "none" else (latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else Path(cfg.resume))
+    policy_cfg = cfg
+    if ckpt is not None and not cfg.model.lora:  # full-parameter RFT: the checkpoint is the whole policy
+        policy_cfg = replace(cfg, model=replace(cfg.model, path=str(ckpt), build_tiny_if_missing=False))
+    model, processor = load_policy(policy_cfg, k, device)
+    if ckpt is not None and cfg.model.lora:
+        load_adapter(model, ckpt)
     model = wrap_model(model, dist.mode, cfg, device)  # type: ignore[arg-type]
     optimizer, scheduler = build_optimizer(model, cfg.optim)
 
     index = ShardIndex.from_glob(cfg.data.train_files)
     rows = BuiltRows(index, processor, num_action_tokens=k, cameras=cfg.data.cameras, with_target=False,
                      check_stored_messages=cfg.data.check_stored_messages)
-    per_rank = max(1, cfg.data.scenes_per_step // dist.world)
+    per_rank = cfg.data.scenes_per_step // dist.world
     sampler = LengthGroupedBatchSampler(index, per_rank, rank=dist.rank, world_size=dist.world, group_size=1,
                                         shuffle=cfg.data.shuffle, seed=cfg.seed)
     if len(sampler) == 0:
         raise ValueError(f"{len(index)} rows in {cfg.data.train_files} do not fill one step of {per_rank} scenes/rank")
 
     start, epoch, batch_pos, failures = 0, 0, 0, {}
-    ckpt = None if cfg.resume == "none" else (latest_checkpoint(cfg.out_dir) if cfg.resume == "auto" else Path(cfg.resume))
     if ckpt is not None:
         state = load_train_state(ckpt)
-        if cfg.model.lora:
-            load_adapter(_inner(model), ckpt)
-        else:
-            from safetensors.torch import load_file
-
-            _inner(model).load_state_dict(load_file(str(Path(ckpt) / "model.safetensors")), strict=False)
         restore_optimizer(model, optimizer, scheduler, state)
         start, epoch, batch_pos = int(state["step"]), int(state["epoch"]), int(state["batch"])
         failures = dict(json.loads(state.get("reward_failures", "{}")))

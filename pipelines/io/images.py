@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-JPEG_SOI = b"\xff\xd8"
-
 
 class ImageError(ValueError):
     """An image could not be decoded; the message names the source."""
@@ -109,13 +107,19 @@ def decode_resized(
         im = Image.open(io.BytesIO(data))
         src = im.size
         dst = target_size(src[0], src[1], cfg.max_pixels, cfg.multiple)
+        box = None
         if cfg.draft and im.format == "JPEG":
-            im.draft("RGB", dst)  # libjpeg picks the largest 1/n scale still >= dst
+            # libjpeg picks the largest 1/n scale still >= dst. Its output is ceil(W/n) pixels wide, the
+            # last one covering padding past the source edge; ``box`` is the source's exact extent
+            # (W/n), so the resize maps source edges to stored edges and scale_intrinsics stays exact.
+            drafted = im.draft("RGB", dst)
+            if drafted is not None and drafted[1][2:] != im.size:
+                box = drafted[1]
         im = im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{source}: cannot decode image ({exc})") from None
-    if im.size != dst:
-        im = im.resize(dst, _RESAMPLE[cfg.resample], reducing_gap=None)
+    if im.size != dst or box is not None:
+        im = im.resize(dst, _RESAMPLE[cfg.resample], box=box, reducing_gap=None)
     return im, src
 
 

@@ -81,7 +81,12 @@ class SafeUnpickler(pickle.Unpickler):
 
 def _is_numpy_dtype_class(module: str, name: str) -> bool:
     """numpy >= 1.25 pickles dtypes as ``numpy.dtypes.Float64DType`` and friends: data only."""
-    return module == "numpy.dtypes" and name.endswith("DType") and name.isidentifier()
+    return (
+        module == "numpy.dtypes"
+        and name.endswith("DType")
+        and name.isidentifier()
+        and not name.startswith("_")
+    )
 
 
 def _resolve(module: str, name: str) -> Any:
@@ -118,6 +123,8 @@ def safe_load(path: str | Path) -> Any:
             ImportError,
             IndexError,
             KeyError,
+            OverflowError,
+            RecursionError,
         ) as exc:
             raise pickle.UnpicklingError(
                 f"{path}: corrupt or truncated pickle ({type(exc).__name__}: {exc})"

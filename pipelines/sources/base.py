@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -232,19 +232,22 @@ def make_clip(
     intrinsics: np.ndarray,
     calib_size: tuple[int, int],
     extrinsics: np.ndarray,
+    sources: Sequence[str] | None = None,
 ) -> CameraClip:
     """A camera clip from stored frames (oldest first) and calibration at the original resolution.
 
     ``calib_size`` is the ``(width, height)`` the intrinsics refer to; every
     frame must have been decoded from that size, else the intrinsics would be
-    wrong for it (raises :class:`~pipelines.io.images.ImageError`).
+    wrong for it (raises :class:`~pipelines.io.images.ImageError` whose
+    message starts with that frame's entry of ``sources``, its file).
     """
     first = frames[-1][0]
-    for img, _ in frames:
+    for n, (img, _) in enumerate(frames):
         if (img.source_width, img.source_height) != tuple(calib_size):
+            where = sources[n] if sources is not None else f"camera {camera}"
             raise ImageError(
-                f"camera {camera}: image is {img.source_width}x{img.source_height} but its calibration "
-                f"is for {calib_size[0]}x{calib_size[1]}"
+                f"{where}: {camera} image is {img.source_width}x{img.source_height} but its "
+                f"calibration is for {calib_size[0]}x{calib_size[1]}"
             )
     k = scale_intrinsics(intrinsics, calib_size, (first.width, first.height))
     return CameraClip(

@@ -324,7 +324,7 @@ class _LogReader:
         l2e = lidar2ego(frame)
         for cam in self.cfg.cameras:
             ch = CHANNELS[cam]
-            stored = []
+            stored, rels = [], []
             for d in self.span:
                 f = self.frames[c - d]
                 data_path = f["cams"][ch]["data_path"]
@@ -335,6 +335,7 @@ class _LogReader:
                     rel,
                 )
                 stored.append((img, int(f["timestamp"])))
+                rels.append(rel)
             info = frame["cams"][ch]
             files.append(f"{self.blobs_rel}/{info['data_path']}")
             s2l = transform_matrix(
@@ -349,6 +350,7 @@ class _LogReader:
                     np.asarray(info["cam_intrinsic"], np.float64).reshape(3, 3),
                     (current.source_width, current.source_height),
                     l2e @ s2l,
+                    rels,
                 )
             )
         return tuple(clips), files

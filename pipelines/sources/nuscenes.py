@@ -387,7 +387,7 @@ class _SceneReader:
         ego0_inv = _rigid_inverse(self.mats[k])
         for cam in self.cfg.cameras:
             ch = CHANNELS[cam]
-            frames = []
+            frames, rels = [], []
             for d in self.span:
                 sd = self.nusc.get("sample_data", self.samples[k - d]["data"][ch])
                 rel = sd["filename"]
@@ -397,6 +397,7 @@ class _SceneReader:
                     rel,
                 )
                 frames.append((img, int(sd["timestamp"])))
+                rels.append(rel)
             sd = self.nusc.get("sample_data", self.samples[k]["data"][ch])
             files.append(sd["filename"])
             cs = self.nusc.get("calibrated_sensor", sd["calibrated_sensor_token"])
@@ -407,7 +408,9 @@ class _SceneReader:
             extrinsic = ego0_inv @ self._ego_matrix(sd["token"]) @ cam_to_egocam
             k_mat = np.asarray(cs["camera_intrinsic"], dtype=np.float64)
             clips.append(
-                make_clip(cam, frames, k_mat, (int(sd["width"]), int(sd["height"])), extrinsic)
+                make_clip(
+                    cam, frames, k_mat, (int(sd["width"]), int(sd["height"])), extrinsic, rels
+                )
             )
         return tuple(clips), files
 

@@ -50,6 +50,7 @@ from pipelines.sources.base import (
     ImageCache,
     Outcome,
     Source,
+    SourceError,
     WorkUnit,
     finite,
     label_sample,
@@ -298,6 +299,16 @@ class WaymoE2ESource(Source):
     name = DATASET
     Options = WaymoOptions
 
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        max_history = (PAST_STATES - 1) // STEP  # 2 Hz poses strictly inside (-4 s, 0)
+        if cfg.history > max_history:
+            # Checked here, not per frame: every sample would be dropped as insufficient_history.
+            raise SourceError(
+                f"{DATASET}: history={cfg.history} but past_states (16 at 4 Hz over (-4 s, 0]) "
+                f"hold at most {max_history} poses at 2 Hz before t0"
+            )
+
     def _files(self, split: str) -> list[Path]:
         globs = self.options.files.get(split, [])
         root = self.root
@@ -497,9 +508,8 @@ class _SegmentReader:
         past = _xy(frame.past_states)
         if len(past) != PAST_STATES:
             return Drop(sid, "insufficient_history", rel)
+        # oldest first; >= 1 since WaymoE2ESource checks history against PAST_STATES
         hist_idx = [PAST_STATES - 1 - STEP * k for k in range(self.cfg.history, 0, -1)]
-        if hist_idx[0] < 0:
-            return Drop(sid, "insufficient_history", rel)
         future_xy = None
         if self.split != Split.TEST.value:
             future_xy = _xy(frame.future_states)
@@ -565,7 +575,8 @@ class _SegmentReader:
             # camera axes to OpenCV (x right, y down, z forward)
             ext[:3, :3] = ext[:3, :3] @ WAYMO_FROM_CV
             stored = [self._image(i - d, cid, cam) for d in self.span]
-            clips.append(make_clip(cam, stored, k, (int(cal.width), int(cal.height)), ext))
+            where = [f"{self.frames[i - d][0]}@{self.frames[i - d][1]}" for d in self.span]
+            clips.append(make_clip(cam, stored, k, (int(cal.width), int(cal.height)), ext, where))
         return tuple(clips)
 
     def _image(self, j: int, cid: int, cam: str) -> tuple[Any, int]:

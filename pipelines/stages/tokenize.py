@@ -11,8 +11,8 @@ fixed-size lists that holds nulls (apache/arrow GH-35692: "Expected all lists
 to be of size=10 but index i had size=0"), so one null would make the whole
 shard unreadable downstream. No later stage can use such a row anyway (the
 annotator needs the future's meta-action; the build drops rows without
-tokens). A row whose future is malformed (wrong length, NaN) fails with
-``invalid_future``.
+tokens). A row whose future is malformed (wrong length, a null pose, NaN) fails
+with ``invalid_future``.
 
 The whole shard's futures are encoded in one batch (vectorised); the codebook
 is loaded once per worker in :meth:`TokenizeStage.setup`.
@@ -107,6 +107,13 @@ def encode_column(
         bad[int(i)] = f"future has {int(lengths[i])} poses, expected {FUTURE_STEPS}"
     ok = valid & (lengths == FUTURE_STEPS)
     out: list[list[int] | None] = [None] * n
+    if ok.any():
+        # a null pose would vanish in flatten() and shift every later row's values
+        poses = arr.filter(pa.array(ok)).flatten()
+        null_pose = poses.is_null().to_numpy(zero_copy_only=False).reshape(-1, FUTURE_STEPS)
+        for i in np.flatnonzero(ok)[null_pose.any(axis=1)]:
+            bad[int(i)] = "future holds a null pose"
+            ok[i] = False
     if not ok.any():
         return out, bad
     sub = arr.filter(pa.array(ok))

@@ -96,4 +96,7 @@ def current_speed(row: Mapping[str, Any]) -> float:
     if v is None:
         raise RewardError(f"sample {row.get('sample_id')!r}: no 'velocity' column")
     v = np.asarray(v, dtype=np.float64).reshape(-1)
+    if v.shape != (2,) or not np.isfinite(v).all():
+        # a NaN speed would make every score NaN, which reads as "not applicable"
+        raise RewardError(f"sample {row.get('sample_id')!r}: velocity {v.tolist()} is not a finite 2-vector")
     return float(np.hypot(v[0], v[1]))

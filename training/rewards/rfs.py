@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from training.rewards.base import RewardItem, current_speed
+from training.rewards.base import RewardError, RewardItem, current_speed
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,12 +147,21 @@ def prepare_raters(
     """Valid raters of a row on the scoring grid, padded to ``cfg.num_raters``; None if none.
 
     Invalid raters (empty trajectory, score < 0; WOD-E2E marks them -1) are dropped first.
+    Raises ValueError for anything else a valid rater cannot be: a score that is NaN or
+    above ``cfg.max_score``, or a trajectory with non-finite points.
     """
-    keep = [
-        (np.asarray(t, dtype=np.float64).reshape(-1, 2), float(s))
-        for t, s in zip(trajectories, scores, strict=True)
-        if t is not None and len(t) and s is not None and float(s) >= 0.0
-    ]
+    if len(trajectories) != len(scores):
+        raise ValueError(f"{len(trajectories)} preference trajectories but {len(scores)} scores")
+    keep = []
+    for j, (t, s) in enumerate(zip(trajectories, scores, strict=True)):
+        if t is None or not len(t) or s is None or float(s) < 0.0:
+            continue
+        traj, score = np.asarray(t, dtype=np.float64).reshape(-1, 2), float(s)
+        if not score <= cfg.max_score:  # NaN fails too
+            raise ValueError(f"preference score {j} is {score}, expected -1 (invalid) or 0..{cfg.max_score}")
+        if not np.isfinite(traj).all():
+            raise ValueError(f"preference trajectory {j} holds NaN/inf points")
+        keep.append((traj, score))
     if not keep:
         return None
     keep = keep[: cfg.num_raters]
@@ -197,4 +206,7 @@ def _row_raters(row: Mapping[str, Any], cfg: RFSConfig) -> tuple[np.ndarray, np.
     trajs, scores = row.get("preference_trajectories"), row.get("preference_scores")
     if trajs is None or scores is None:
         return None
-    return prepare_raters(trajs, scores, cfg)
+    try:
+        return prepare_raters(trajs, scores, cfg)
+    except ValueError as exc:
+        raise RewardError(f"rfs: sample {row.get('sample_id')!r}: {exc}") from None

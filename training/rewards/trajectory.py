@@ -82,6 +82,10 @@ def object_boxes(objects: Sequence[Mapping[str, Any]], times: np.ndarray) -> np.
     n = len(objects)
     out = np.empty((n, len(times), 4, 2))
     for j, o in enumerate(objects):
+        vals = [o[k] for k in ("x", "y", "vx", "vy", "heading", "length", "width")]
+        if any(v is None or not np.isfinite(float(v)) for v in vals):
+            # NaN boxes are never separated by SAT, so they would count as a collision
+            raise RewardError(f"object {j} ({o.get('category')!r}, track {o.get('track_id')!r}) has a null/NaN box field")
         x = float(o["x"]) + float(o["vx"]) * times
         y = float(o["y"]) + float(o["vy"]) * times
         poses = np.stack([x, y, np.full_like(times, float(o["heading"]))], axis=-1)
@@ -129,6 +133,9 @@ class CollisionReward:
                 continue
             if self.categories:
                 objs = [o for o in objs if o.get("category") in self.categories]
-            hit = collides(comp.trajectory, objs, self.dt, self.ego_length, self.ego_width)
+            try:
+                hit = collides(comp.trajectory, objs, self.dt, self.ego_length, self.ego_width)
+            except (RewardError, KeyError, TypeError, ValueError) as exc:
+                raise RewardError(f"collision: sample {row.get('sample_id')!r}: {exc!r}") from exc
             out[i] = 0.0 if hit else 1.0
         return out
