@@ -155,3 +155,26 @@ def test_cli_reports_bad_input_path(tmp_path):
         ]
     )
     assert rc == 2 and not (tmp_path / "o" / "extract").exists()
+
+
+def test_waymo_history_beyond_past_states_fails_before_work(sample_data):
+    with pytest.raises(SourceError, match="history=8 .* at most 7"):
+        ExtractStage(extract_config("waymo_e2e", sample_data.waymo_e2e, ("history=8",)))
+
+
+def test_clip_frame_of_another_size_names_its_file():
+    import numpy as np
+
+    from pipelines.io.images import ImageError, StoredImage
+    from pipelines.sources.base import make_clip
+
+    frames = [(StoredImage(b"", 56, 28, 1600, 900), 0), (StoredImage(b"", 56, 28, 800, 450), 1)]
+    with pytest.raises(ImageError, match=r"^samples/CAM_FRONT/b\.jpg: front image is 800x450"):
+        make_clip(
+            "front",
+            frames,
+            np.eye(3),
+            (1600, 900),
+            np.eye(4),
+            ["samples/CAM_FRONT/a.jpg", "samples/CAM_FRONT/b.jpg"],
+        )

@@ -61,13 +61,16 @@ def test_draft_decode_maps_source_edges_exactly_for_odd_sizes():
     """libjpeg's 1/8 output is ceil(W/8) wide; the resize must use the source's exact extent."""
     from pipelines.io.images import decode_resized
 
-    w, h = 8 * 300 + 1, 8 * 200 + 1  # not a multiple of the DCT scale: the last draft pixel is padding
+    # not a multiple of the DCT scale: the last draft pixel is partly padding
+    w, h = 8 * 300 + 1, 8 * 200 + 1
     arr = np.zeros((h, w), np.uint8)
     arr[:, 2000:] = 255  # a sharp edge on a block boundary
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=100)
     for draft in (True, False):
-        im, src = decode_resized(buf.getvalue(), ImageConfig(max_pixels=60_000, multiple=4, draft=draft))
+        im, src = decode_resized(
+            buf.getvalue(), ImageConfig(max_pixels=60_000, multiple=4, draft=draft)
+        )
         assert src == (w, h) and im.size == (296, 200)
         row = np.asarray(im.convert("L"), dtype=float).mean(axis=0)
         j = int(np.argmax(row > 127.5))
@@ -186,7 +189,8 @@ def _future(speeds, y=None):
         ([0.1] * 10, "stop"),
         ([5.0] * 9 + [0.2], "deceleration to zero"),
         ([5.0] * 9 + [5.7], "constant speed"),
-        ([1.0] + [9.0] * 8 + [3.0], "quick acceleration"),  # first and last speed only, not the mean
+        # first and last speed only, not the mean
+        ([1.0] + [9.0] * 8 + [3.0], "quick acceleration"),
         ([5.0] * 9 + [7.0], "acceleration"),
         ([6.0] * 9 + [2.0], "quick deceleration"),
         ([6.0] * 9 + [4.0], "deceleration"),
@@ -227,7 +231,9 @@ def test_history_meta_action_runs_from_the_oldest_pose_to_now():
     lat, lon = history_meta_action(hist)
     assert (lat.value, lon.value) == ("move forward", "quick acceleration")  # v0 = 2, v1 = 6
     # heading north, then east: in the oldest pose's frame the track ends 6 m to the right
-    turn = np.array([[-6.0, -6.0, np.pi / 2], [-6.0, -2.0, np.pi / 2], [-4.0, 0.0, 0.0], [-2.0, 0.0, 0.0]])
+    turn = np.array(
+        [[-6.0, -6.0, np.pi / 2], [-6.0, -2.0, np.pi / 2], [-4.0, 0.0, 0.0], [-2.0, 0.0, 0.0]]
+    )
     lat, _ = history_meta_action(turn)
     assert lat.value == "turn right"  # now is 6 m right of where the track started
     assert history_meta_action(np.zeros((0, 3))) == (None, None)

@@ -336,6 +336,7 @@ def test_codebook_round_trip(tmp_path) -> None:
         ({"format_version": 99}, "format_version"),
         ({"tol": -1.0}, "tol"),
         ({"frequency_hz": 10.0}, "frequency_hz"),
+        ({"dt": 0.1, "frequency_hz": 10.0}, "dt 0.1 s"),
         ({"surprise": 1}, "unknown keys"),
         ({"tensors_sha256": "0" * 64}, "belongs to other tensors"),
         ({"tensors_sha256": ""}, "tensors_sha256 is empty"),

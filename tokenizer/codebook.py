@@ -22,6 +22,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from pipelines.core.shards import atomic_write_bytes
+from schemas.sample import MODEL_DT
 from tokenizer.segments import end_contours
 
 FORMAT_VERSION = 1
@@ -194,6 +195,8 @@ def _validate(
         v = getattr(meta, name)
         if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
             raise CodebookError(f"{js}: {name} must be a positive number, got {v!r}")
+    if not math.isclose(meta.dt, MODEL_DT):  # tokens are segments between the 2 Hz future poses
+        raise CodebookError(f"{js}: dt {meta.dt} s, but futures are sampled every {MODEL_DT} s")
     if tokens.shape != (meta.k, 3):
         raise CodebookError(
             f"{st}: tokens have shape {tokens.shape}, but {js.name} says K={meta.k} (expected ({meta.k}, 3))"

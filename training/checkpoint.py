@@ -10,7 +10,8 @@ Layout of ``<out_dir>/checkpoints/step_0000123/``:
   ``clip_processor.json`` (the pixel budget), so RFT/eval read identical inputs;
 * ``train_state.pt``: optimizer (full, FQN-keyed, via
   ``torch.distributed.checkpoint.state_dict`` so it works for plain, DDP and
-  FSDP2 models), scheduler, step, data position (epoch, batch) and RNG states.
+  FSDP2 models), scheduler, step, data position (epoch, batch) and every
+  rank's RNG states (a resume needs the same world size).
   It is our own data: loaded with ``torch.load(weights_only=True)``;
 * ``train_config.yaml``: the resolved config.
 
@@ -83,6 +84,7 @@ def save_checkpoint(
 
     inner = getattr(model, "module", model)  # DDP
     msd, osd = full_state_dicts(inner, optimizer)
+    rng = _gather_rng_states()
     final = checkpoint_root(out_dir) / f"step_{step:07d}"
     if rank != 0:
         return final
@@ -96,9 +98,7 @@ def save_checkpoint(
         inner.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
     processor.save_pretrained(tmp)
     state = dict(train_state)
-    state.update(optimizer=osd, scheduler=scheduler.state_dict(), rng_cpu=torch.get_rng_state())
-    if torch.cuda.is_available():
-        state["rng_cuda"] = torch.cuda.get_rng_state()
+    state.update(optimizer=osd, scheduler=scheduler.state_dict(), **rng)
     torch.save(state, tmp / TRAIN_STATE)
     dump_config(config, tmp / "train_config.yaml")
     if final.exists():
@@ -107,6 +107,24 @@ def save_checkpoint(
     log.info("saved checkpoint %s", final)
     _prune(out_dir, keep_last)
     return final
+
+
+def _gather_rng_states() -> dict[str, list[torch.Tensor]]:
+    """Every rank's CPU (and CUDA) RNG state, indexed by rank; collective when distributed.
+
+    Ranks consume their RNG differently (dropout over different batch shapes), so
+    one rank's state restored on all would not resume the others exactly.
+    """
+    import torch.distributed as dist
+
+    mine = {"rng_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["rng_cuda"] = torch.cuda.get_rng_state()
+    if not dist.is_initialized():
+        return {k: [v] for k, v in mine.items()}
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {k: [r[k] for r in every] for k in mine}
 
 
 def _prune(out_dir: str | Path, keep_last: int) -> None:
@@ -132,9 +150,15 @@ def restore_optimizer(model: Any, optimizer: Any, scheduler: Any, state: dict[st
         inner, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
     )
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_cpu"])
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if len(state["rng_cpu"]) != world:
+        raise ValueError(f"checkpoint holds RNG states of {len(state['rng_cpu'])} ranks, this run has {world}: "
+                         "an exact resume needs the same world size")
+    torch.set_rng_state(state["rng_cpu"][rank])
     if "rng_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["rng_cuda"])
+        torch.cuda.set_rng_state(state["rng_cuda"][rank])
 
 
 def load_adapter(model: Any, ckpt: str | Path) -> None:

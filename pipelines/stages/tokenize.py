@@ -60,7 +60,9 @@ class TokenizeStage(Stage):
         self.output_schema = schema_with(ACTION_TOKENS_FIELD, base=base)
         st_path, _ = codebook_paths(self.codebook_path)
         # a changed codebook must not mix with tokens of the old one in one output
-        load_codebook(self.codebook_path)  # fail now, not in a worker, if it is invalid
+        k = load_codebook(self.codebook_path).k  # fail now, not in a worker, if it is invalid
+        if k > np.iinfo(np.int16).max + 1:  # action_tokens is int16: larger ids would wrap around
+            raise ValueError(f"codebook {self.codebook_path} has K={k}; action_tokens (int16) holds K <= 32768")
         self._codebook_sha = hashlib.sha256(st_path.read_bytes()).hexdigest()
         self._tokenizer: ActionTokenizer | None = None
 
