@@ -156,6 +156,9 @@ def apply_lora(model: Any, cfg: ModelConfig) -> Any:
         # Regex: only the language model's projections, never the vision tower's.
         target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")",
         modules_to_save=["embed_tokens", "lm_head"],
+        # Qwen2.5-VL-3B ties lm_head to embed_tokens: without this peft trains two separate
+        # copies and the trained lm_head is lost when a merged model is saved with tied weights.
+        ensure_weight_tying=model.get_output_embeddings().weight is model.get_input_embeddings().weight,
     )
     return get_peft_model(model, lcfg)
 
