@@ -32,11 +32,11 @@ CONTOUR_ATOL = 1e-3  # m: stored contours must match the tokens' (float32 storag
 
 
 def library_version() -> str:
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         return version("drivevla")
-    except Exception:  # not installed as a distribution (e.g. run from a checkout)
+    except PackageNotFoundError:  # not installed as a distribution (e.g. run from a checkout)
         return "0.0.0+unknown"
 
 
