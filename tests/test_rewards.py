@@ -201,6 +201,17 @@ def test_collision_detects_a_crossing_box_and_not_a_parallel_one():
     assert not collides(ego, [late])
 
 
+def test_collision_box_sits_ahead_of_the_rear_axle():
+    stopped = np.zeros((10, 3))  # the ego waits at the origin (its rear axle)
+    ahead = {"category": "vehicle", "x": 6.0, "y": 0.0, "heading": 0.0,
+             "length": 4.0, "width": 1.9, "vx": 0.0, "vy": 0.0}  # rear bumper 4.0 m ahead of the axle
+    behind = dict(ahead, x=-4.2)  # front bumper 2.2 m behind the axle
+    # The car's front is 1.4 + 2.4 = 3.8 m ahead of the axle and its back 1.0 m behind it.
+    assert not collides(stopped, [ahead]) and not collides(stopped, [behind])
+    assert collides(stopped, [dict(ahead, x=5.7)])  # rear bumper at 3.7 m: touches the front
+    assert collides(stopped, [behind], center_offset=0.0)  # a box centred on the axle reaches -2.4 m
+
+
 def test_collision_refuses_a_nan_object_box():
     ego = poses(straight(8.0, 2.0, 10))
     bad = {"category": "vehicle", "track_id": "t7", "x": 50.0, "y": 9.0, "heading": 0.0,

@@ -50,6 +50,7 @@ class ADEConfig:
 class CollisionConfig:
     dt: float = 0.5  # s between predicted poses
     categories: tuple[str, ...] = ()  # object categories considered; empty = all
+    center_offset: float = 1.4  # m from the ego origin (rear axle) forward to the box centre
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,11 @@ RewardFactory = Callable[["RewardsConfig"], Reward]
 REGISTRY: dict[str, RewardFactory] = {
     "rfs": lambda cfg: RaterFeedbackReward(cfg.rfs),
     "ade": lambda cfg: ADEReward(cfg.ade.mode, cfg.ade.scale, cfg.ade.max_ade),
-    "collision": lambda cfg: CollisionReward(dt=cfg.collision.dt, categories=tuple(cfg.collision.categories)),
+    "collision": lambda cfg: CollisionReward(
+        dt=cfg.collision.dt,
+        categories=tuple(cfg.collision.categories),
+        center_offset=cfg.collision.center_offset,
+    ),
     "pdm": lambda cfg: NavsimPDMReward(cfg.pdm.metric_cache),
 }
 

@@ -19,6 +19,10 @@ import numpy as np
 from pipelines.geometry import VEHICLE_LENGTH, VEHICLE_WIDTH, box_corners
 from training.rewards.base import RewardError, RewardItem
 
+# Rear axle (the datasets' ego origin) to the centre of a 4.8 m car with a ~2.9 m wheelbase.
+EGO_CENTER_OFFSET = 1.4  # m
+
+
 
 @dataclass(frozen=True, slots=True)
 class ADEReward:
@@ -99,12 +103,19 @@ def collides(
     dt: float = 0.5,
     ego_length: float = VEHICLE_LENGTH,
     ego_width: float = VEHICLE_WIDTH,
+    center_offset: float = EGO_CENTER_OFFSET,
 ) -> bool:
-    """Whether the ego box along ``trajectory (T,3)`` overlaps any object's box at the same step."""
+    """Whether the ego box along ``trajectory (T,3)`` overlaps any object's box at the same step.
+
+    Poses are of the ego origin (the rear axle in WOD-E2E, nuScenes and nuPlan);
+    the box centre lies ``center_offset`` metres ahead of it along the heading.
+    """
     if not len(objects):
         return False
-    traj = np.asarray(trajectory, dtype=np.float64).reshape(-1, 3)
+    traj = np.asarray(trajectory, dtype=np.float64).reshape(-1, 3).copy()
     times = dt * np.arange(1, len(traj) + 1)
+    traj[:, 0] += center_offset * np.cos(traj[:, 2])
+    traj[:, 1] += center_offset * np.sin(traj[:, 2])
     ego = box_corners(traj, ego_length, ego_width)  # (T,4,2)
     return bool(boxes_overlap(ego[None], object_boxes(objects, times)).any())
 
@@ -121,6 +132,7 @@ class CollisionReward:
     dt: float = 0.5
     ego_length: float = VEHICLE_LENGTH
     ego_width: float = VEHICLE_WIDTH
+    center_offset: float = EGO_CENTER_OFFSET
     categories: tuple[str, ...] = ()
     name: str = "collision"
     columns: tuple[str, ...] = ("sample_id", "objects")
@@ -134,7 +146,7 @@ class CollisionReward:
             if self.categories:
                 objs = [o for o in objs if o.get("category") in self.categories]
             try:
-                hit = collides(comp.trajectory, objs, self.dt, self.ego_length, self.ego_width)
+                hit = collides(comp.trajectory, objs, self.dt, self.ego_length, self.ego_width, self.center_offset)
             except (RewardError, KeyError, TypeError, ValueError) as exc:
                 raise RewardError(f"collision: sample {row.get('sample_id')!r}: {exc!r}") from exc
             out[i] = 0.0 if hit else 1.0
