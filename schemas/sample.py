@@ -150,11 +150,15 @@ THINK_MODE_FIELD = pa.field("think_mode", pa.string())  # ThinkMode value
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 
-def sample_features() -> Any:
-    """The ``datasets.Features`` matching :data:`SAMPLE_SCHEMA` (frames as ``Image``)."""
+def sample_features(schema: pa.Schema = SAMPLE_SCHEMA) -> Any:
+    """The ``datasets.Features`` matching ``schema`` (default :data:`SAMPLE_SCHEMA`), frames as ``Image``.
+
+    Later stages pass their extended schema; any schema with the ``cameras``
+    column of :data:`CAMERA_TYPE` works.
+    """
     import datasets  # imported here: heavy, and not every stage needs it
 
-    from_arrow = datasets.Features.from_arrow_schema(SAMPLE_SCHEMA)
+    from_arrow = datasets.Features.from_arrow_schema(schema)
     # Replace each frame's image struct by an Image feature so it decodes.
     cams = from_arrow["cameras"]
     cam_feat = cams.feature if hasattr(cams, "feature") else cams[0]

@@ -41,7 +41,13 @@ from annotators.training_prompt import PROMPT_VERSION, PromptError, render_messa
 from pipelines.core.shards import list_shards
 from pipelines.core.stage import Drop, Fail, Outcome, Partition, Stage
 from schemas.enums import ThinkMode
-from schemas.sample import ACTION_TOKENS_FIELD, MESSAGES_TYPE, SAMPLE_FIELDS, SCHEMA_VERSION
+from schemas.sample import (
+    ACTION_TOKENS_FIELD,
+    MESSAGES_TYPE,
+    SAMPLE_FIELDS,
+    SCHEMA_VERSION,
+    sample_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +99,7 @@ BUILD_COLUMNS: tuple[str, ...] = tuple(f.name for f in BUILD_FIELDS)
 
 def build_features() -> Any:
     """The ``datasets.Features`` of :data:`BUILD_SCHEMA` (every camera frame an ``Image``)."""
-    import datasets
-
-    feats = datasets.Features.from_arrow_schema(pa.schema(BUILD_FIELDS))
-    cams = feats["cameras"]
-    cam = cams.feature if hasattr(cams, "feature") else cams[0]
-    frames = cam["frames"]
-    frame = frames.feature if hasattr(frames, "feature") else frames[0]
-    frame["image"] = datasets.Image()
-    return feats
+    return sample_features(pa.schema(BUILD_FIELDS))
 
 
 def build_schema() -> pa.Schema:
