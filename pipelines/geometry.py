@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from schemas.sample import DISTORTION_MODELS
+
 VEHICLE_LENGTH = 4.8  # m, contour used by the action codebook (DESIGN.md section 4)
 VEHICLE_WIDTH = 2.0  # m
 
@@ -23,6 +25,23 @@ def yaw_from_quaternion(q: np.ndarray) -> np.ndarray:
     q = np.asarray(q, dtype=np.float64)
     w, x, y, z = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
     return np.arctan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
+
+
+def pyquaternion_yaw(q: np.ndarray) -> np.ndarray:
+    """Yaw of quaternions ``(..., 4)`` (w, x, y, z) as pyquaternion's ``Quaternion.yaw_pitch_roll[0]``.
+
+    NAVSIM and OpenScene take headings this way (``navsim/common/dataloader``,
+    ``DriveEngine/process_data``: ``Quaternion(q).yaw_pitch_roll[0]``):
+    ``atan2(2 (w z - x y), 1 - 2 (y^2 + z^2))`` on the normalised quaternion
+    (the z-y'-x'' intrinsic angles of pyquaternion's docstring). It equals
+    :func:`yaw_from_quaternion` for pure yaw rotations and differs by
+    centimetres at 40 m once the vehicle pitches a few degrees, so NAVSIM
+    trajectories must use this one to match the dataset's scorer.
+    """
+    q = np.asarray(q, dtype=np.float64)
+    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
+    w, x, y, z = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
+    return np.arctan2(2.0 * (w * z - x * y), 1.0 - 2.0 * (y * y + z * z))
 
 
 def quaternion_from_yaw(yaw: np.ndarray | float) -> np.ndarray:
@@ -135,3 +154,58 @@ def headings_from_positions(xy: np.ndarray, start_heading: float = 0.0, min_step
             h = float(np.arctan2(dy, dx))
         out[i] = h
     return wrap_angle(out)
+
+
+# --------------------------------------------------------------------------- lens distortion
+
+# Camera models of the per-camera ``distortion_model`` field (schemas/sample.py).
+# "opencv": OpenCV's pinhole model with coefficients (k1, k2, p1, p2[, k3[, k4, k5, k6]]), as nuPlan
+# stores per camera (``distortion`` in OpenScene's ``cams`` entries, copied from the nuPlan DB by
+# ``DriveEngine/process_data/helpers/nuplan_cameras_utils.py``) and as WOD's ``CameraCalibration.intrinsic``
+# holds after f_u, f_v, c_u, c_v (k1, k2, p1, p2, k3).
+
+
+def distort_normalized(xy: np.ndarray, model: str | None, coeffs: np.ndarray | None) -> np.ndarray:
+    """Apply lens distortion to normalised image coordinates ``(N,2)`` (x/z, y/z); None = pinhole."""
+    xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    if model is None or coeffs is None or len(coeffs) == 0:
+        return xy
+    if model not in DISTORTION_MODELS:
+        raise ValueError(f"unknown distortion model {model!r}; known: {DISTORTION_MODELS}")
+    d = np.zeros(8)
+    c = np.asarray(coeffs, dtype=np.float64).reshape(-1)
+    if c.size not in (4, 5, 8):
+        raise ValueError(f"opencv distortion needs 4, 5 or 8 coefficients, got {c.size}")
+    d[: c.size] = c
+    k1, k2, p1, p2, k3, k4, k5, k6 = d
+    x, y = xy[:, 0], xy[:, 1]
+    r2 = x * x + y * y
+    radial = (1 + k1 * r2 + k2 * r2**2 + k3 * r2**3) / (1 + k4 * r2 + k5 * r2**2 + k6 * r2**3)
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return np.stack([xd, yd], axis=1)
+
+
+def project_points(
+    points_ego: np.ndarray,
+    intrinsics: np.ndarray,
+    extrinsics: np.ndarray,
+    distortion_model: str | None = None,
+    distortion: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ego-frame points ``(N,3)`` -> pixels ``(N,2)`` and depth ``(N,)`` (depth <= 0: behind the camera).
+
+    ``extrinsics`` map camera (OpenCV: x right, y down, z forward) to ego
+    coordinates; the lens model, when given, is applied before the intrinsics,
+    so pixels land where the (unrectified) image shows the point.
+    """
+    pts = np.asarray(points_ego, np.float64).reshape(-1, 3)
+    k = np.asarray(intrinsics, np.float64).reshape(3, 3)
+    cam_to_ego = np.asarray(extrinsics, np.float64).reshape(4, 4)
+    rot = cam_to_ego[:3, :3]
+    cam = (pts - cam_to_ego[:3, 3]) @ rot  # rigid inverse: R^T (p - t)
+    depth = cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xy = distort_normalized(cam[:, :2] / cam[:, 2:3], distortion_model, distortion)
+    uv = xy @ k[:2, :2].T + k[:2, 2]
+    return uv, depth

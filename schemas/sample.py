@@ -40,7 +40,8 @@ import pyarrow as pa
 
 from schemas.enums import Camera, Command, Dataset, Lateral, Longitudinal, Split
 
-SCHEMA_VERSION = "1.0.0"
+# 1.1.0: per-camera lens distortion (distortion_model, distortion), velocity_source, objects' vx/vy nullable
+SCHEMA_VERSION = "1.1.0"
 FUTURE_STEPS = 10  # 0.5 s .. 5.0 s at 2 Hz
 MODEL_DT = 0.5  # seconds between poses of history and future
 
@@ -95,6 +96,10 @@ CAMERA_TYPE = pa.struct(
         ("height", pa.int32()),  # stored image height, px
         ("intrinsics", pa.list_(pa.float32(), 9)),  # (3,3) row-major, for the stored resolution
         ("extrinsics", pa.list_(pa.float32(), 16)),  # (4,4) row-major, camera(OpenCV) -> ego at t0
+        # Lens model of the stored (unrectified) images: null = pinhole / already rectified (nuScenes,
+        # CARLA); "opencv" = OpenCV coefficients (k1, k2, p1, p2[, k3[, k4, k5, k6]]) (nuPlan, WOD).
+        ("distortion_model", pa.string()),
+        ("distortion", pa.list_(pa.float32())),  # the model's coefficients; null with the model
         ("frames", pa.list_(FRAME_TYPE)),  # T frames, oldest first, last at t0
     ]
 )
@@ -110,7 +115,7 @@ OBJECT_TYPE = pa.struct(
         ("heading", pa.float32()),  # rad, ego frame
         ("length", pa.float32()),  # m
         ("width", pa.float32()),  # m
-        ("vx", pa.float32()),  # m/s, ego frame
+        ("vx", pa.float32()),  # m/s, ego frame; null = unknown (e.g. a nuScenes object annotated once)
         ("vy", pa.float32()),
         ("track_id", pa.string()),
     ]
@@ -129,6 +134,8 @@ SAMPLE_FIELDS: list[pa.Field] = [
     pa.field("future", pa.list_(POSE_TYPE)),  # (10,3) 0.5..5 s; null on test splits
     pa.field("velocity", XY_TYPE, nullable=False),  # (2,) m/s, ego frame
     pa.field("acceleration", XY_TYPE, nullable=False),  # (2,) m/s^2, ego frame
+    # where velocity/acceleration come from: VELOCITY_SOURCES (null: not recorded by the source)
+    pa.field("velocity_source", pa.string()),
     pa.field("command", pa.string(), nullable=False),  # Command value
     pa.field("meta_lateral", pa.string()),  # Lateral of the future (null without future)
     pa.field("meta_longitudinal", pa.string()),  # Longitudinal of the future
@@ -143,6 +150,13 @@ SAMPLE_FIELDS: list[pa.Field] = [
 ]
 
 SAMPLE_SCHEMA = pa.schema(SAMPLE_FIELDS, metadata={b"schema_version": SCHEMA_VERSION.encode()})
+
+# Values of ``velocity_source``: the dataset's own ego state (WOD-E2E states, NAVSIM ego_dynamic_state),
+# nuScenes' CAN bus, or a central difference of keyframe ego poses (nuScenes scenes without CAN bus).
+VELOCITY_SOURCES = ("dataset", "can_bus", "pose_central_difference")
+
+# Lens models of ``distortion_model`` (pipelines.geometry.distort_normalized implements them).
+DISTORTION_MODELS = ("opencv",)
 
 # Columns added by later stages (DESIGN.md section 3). Each stage appends its own.
 ACTION_TOKENS_FIELD = pa.field("action_tokens", pa.list_(pa.int16(), FUTURE_STEPS))  # (10,) codebook ids
@@ -185,6 +199,8 @@ class CameraClip:
     intrinsics: np.ndarray  # (3,3) for the stored resolution
     extrinsics: np.ndarray  # (4,4) camera(OpenCV) -> ego at t0
     frames: tuple[CameraFrame, ...]  # oldest first, last at t0
+    distortion_model: str | None = None  # None: pinhole (rectified images); else DISTORTION_MODELS
+    distortion: np.ndarray | None = None  # the model's coefficients (None with the model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,8 +211,8 @@ class Object:
     heading: float
     length: float
     width: float
-    vx: float
-    vy: float
+    vx: float | None  # None: velocity unknown
+    vy: float | None
     track_id: str
 
 
@@ -215,6 +231,7 @@ class Sample:
     velocity: np.ndarray  # (2,) m/s, ego frame at t0
     acceleration: np.ndarray  # (2,) m/s^2, ego frame at t0
     command: str
+    velocity_source: str | None = None  # VELOCITY_SOURCES value
     meta_lateral: str | None = None
     meta_longitudinal: str | None = None
     history_meta_lateral: str | None = None
@@ -242,6 +259,10 @@ class Sample:
                     "height": int(c.height),
                     "intrinsics": np.asarray(c.intrinsics, np.float32).reshape(9).tolist(),
                     "extrinsics": np.asarray(c.extrinsics, np.float32).reshape(16).tolist(),
+                    "distortion_model": c.distortion_model,
+                    "distortion": None
+                    if c.distortion is None
+                    else np.asarray(c.distortion, np.float32).reshape(-1).tolist(),
                     "frames": [
                         {"image": {"bytes": f.jpeg, "path": None}, "timestamp_us": int(f.timestamp_us)}
                         for f in c.frames
@@ -254,6 +275,7 @@ class Sample:
             "velocity": np.asarray(self.velocity, np.float32).reshape(2).tolist(),
             "acceleration": np.asarray(self.acceleration, np.float32).reshape(2).tolist(),
             "command": self.command,
+            "velocity_source": self.velocity_source,
             "meta_lateral": self.meta_lateral,
             "meta_longitudinal": self.meta_longitudinal,
             "history_meta_lateral": self.history_meta_lateral,
@@ -284,6 +306,8 @@ class Sample:
                 intrinsics=np.asarray(c["intrinsics"], np.float32).reshape(3, 3),
                 extrinsics=np.asarray(c["extrinsics"], np.float32).reshape(4, 4),
                 frames=tuple(CameraFrame(f["image"]["bytes"], f["timestamp_us"]) for f in c["frames"]),
+                distortion_model=c.get("distortion_model"),
+                distortion=None if c.get("distortion") is None else np.asarray(c["distortion"], np.float32),
             )
             for c in row["cameras"]
         )
@@ -302,6 +326,7 @@ class Sample:
             velocity=np.asarray(row["velocity"], np.float32),
             acceleration=np.asarray(row["acceleration"], np.float32),
             command=row["command"],
+            velocity_source=row.get("velocity_source"),
             meta_lateral=row.get("meta_lateral"),
             meta_longitudinal=row.get("meta_longitudinal"),
             history_meta_lateral=row.get("history_meta_lateral"),
@@ -384,6 +409,7 @@ def validate_row(row: Mapping[str, Any], *, future_required: bool | None = None)
     _check_headings("history", hist, sid)
     _array(row, "velocity", sid, (2,))
     _array(row, "acceleration", sid, (2,))
+    _enum(row, "velocity_source", VELOCITY_SOURCES, sid, nullable=True)
     _enum(row, "meta_lateral", Lateral.values(), sid, nullable=True)
     _enum(row, "meta_longitudinal", Longitudinal.values(), sid, nullable=True)
     _enum(row, "history_meta_lateral", Lateral.values(), sid, nullable=True)
@@ -394,6 +420,8 @@ def validate_row(row: Mapping[str, Any], *, future_required: bool | None = None)
     for i, obj in enumerate(row.get("objects") or ()):
         for key in ("x", "y", "heading", "length", "width", "vx", "vy"):
             v = obj.get(key)
+            if v is None and key in ("vx", "vy") and obj.get("vx") is None and obj.get("vy") is None:
+                continue  # unknown velocity: both null
             if v is None or not math.isfinite(float(v)):
                 raise SchemaError(f"objects[{i}].{key}", f"must be a finite number, got {v!r}", sid)
     if "action_tokens" in row and row["action_tokens"] is not None:
@@ -429,6 +457,7 @@ def _validate_cameras(row: Mapping[str, Any], sid: str | None) -> None:
             mat = _array(cam, key, sid, (None,) * np.ndim(cam.get(key)))
             if mat.size != n * n:
                 raise SchemaError(f"{where}.{key}", f"has {mat.size} values, expected {n}x{n}", sid)
+        _validate_distortion(cam, where, sid)
         frames = cam.get("frames")
         if not frames:
             raise SchemaError(f"{where}.frames", "has no frames", sid)
@@ -446,6 +475,19 @@ def _validate_cameras(row: Mapping[str, Any], sid: str | None) -> None:
                     f"{where}.frames[{j}].timestamp_us", f"{fts} is not after the previous frame's {prev}", sid
                 )
             prev = fts
+
+
+def _validate_distortion(cam: Mapping[str, Any], where: str, sid: str | None) -> None:
+    model, coeffs = cam.get("distortion_model"), cam.get("distortion")
+    if model is None:
+        if coeffs is not None:
+            raise SchemaError(f"{where}.distortion", "has coefficients but no distortion_model", sid)
+        return
+    if model not in DISTORTION_MODELS:
+        raise SchemaError(f"{where}.distortion_model", f"value {model!r} is not one of {list(DISTORTION_MODELS)}", sid)
+    arr = _array(cam, "distortion", sid, (None,)) if coeffs is not None else None
+    if arr is None or arr.size not in (4, 5, 8):
+        raise SchemaError(f"{where}.distortion", f"model {model!r} needs 4, 5 or 8 coefficients", sid)
 
 
 def _validate_preferences(row: Mapping[str, Any], sid: str | None) -> None:

@@ -110,7 +110,10 @@ def test_nuplan_missing_image_nan_pose_short_log_and_hostile_pickle(sample_data,
         and "system" in evil["message"]
         and evil["file"].endswith("evil_log.pkl")
     )
-    assert summary.dropped["window_too_short"] == 14 + 14 + 10
+    # One outcome per frame (issue 14 item 9): the first num_history_frames - 1 = 4 frames of each log are
+    # history only; the last num_future_frames = 10 frames (6 in the 10-frame log) have no full window.
+    assert summary.dropped["before_first_window"] == 4 + 4 + 4
+    assert summary.dropped["window_too_short"] == 10 + 10 + 6
     assert len(rows) == (n0 - 14 - 4) + (n1 - 14 - 10)
 
 

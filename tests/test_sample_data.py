@@ -434,14 +434,19 @@ def test_navsim_boxes_project_onto_their_pixels(sample_data):
             l2e = np.eye(4)
             l2e[:3, :3] = rotation_from_quaternion(np.asarray(f["lidar2ego_rotation"]))
             l2e[:3, 3] = f["lidar2ego_translation"]
+            np.testing.assert_allclose(l2e, f["lidar2ego"], atol=1e-12)
+            # Like nuPlan's, the lidar extrinsic is not identity (OpenScene logs keep the real one) ...
+            assert not np.allclose(l2e[:3, :3], np.eye(3))
             boxes = f["anns"]["gt_boxes"]
             for cam in f["cams"].values():
+                # ... and sensor2lidar_* hold camera-to-EGO (OpenScene copies nuPlan's camera extrinsic;
+                # NAVSIM's camera.py projects ego-frame boxes with it alone).
                 s2l = np.eye(4)
                 s2l[:3, :3], s2l[:3, 3] = (
                     cam["sensor2lidar_rotation"],
                     cam["sensor2lidar_translation"],
                 )
-                ego2cam = np.linalg.inv(l2e @ s2l)
+                ego2cam = np.linalg.inv(s2l)
                 img = np.asarray(
                     Image.open(
                         sample_data.nuplan / "sensor_blobs" / path.parent.name / cam["data_path"]

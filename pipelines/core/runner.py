@@ -34,7 +34,7 @@ from pipelines.core.shards import (
     ShardWriter,
     atomic_write_bytes,
 )
-from pipelines.core.stage import Drop, Fail, Partition, Stage
+from pipelines.core.stage import Drop, Fail, Note, Partition, Stage
 from schemas.sample import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class PartitionResult:
     seconds: float = 0.0
     skipped: bool = False  # finished by an earlier run
     error: str | None = None  # the partition itself crashed (no marker written)
+    noted: dict[str, int] = field(default_factory=dict)  # Note counts (not samples: not in `seen`)
 
     @property
     def seen(self) -> int:
@@ -96,6 +97,13 @@ class RunSummary:
         return dict(sorted(c.items()))
 
     @property
+    def noted(self) -> dict[str, int]:
+        c: Counter[str] = Counter()
+        for p in self.partitions:
+            c.update(p.noted)
+        return dict(sorted(c.items()))
+
+    @property
     def seen(self) -> int:
         return sum(p.seen for p in self.partitions)
 
@@ -119,6 +127,8 @@ class RunSummary:
             lines.append(f"  dropped  {reason:<32} {n}")
         for cls, n in self.failed.items():
             lines.append(f"  failed   {cls:<32} {n}")
+        for key, n in self.noted.items():  # data notes (e.g. objects without velocity), not samples
+            lines.append(f"  noted    {key:<32} {n}")
         for p in self.crashed:
             lines.append(f"  CRASHED partition {p.partition}: {p.error}")
         return "\n".join(lines)
@@ -166,6 +176,7 @@ def run_partition(
                 f"(fingerprint {marker.get('fingerprint')} != {fp}); use a new output directory or --overwrite"
             )
         fields_ = {k: marker[k] for k in ("written", "dropped", "failed", "shards", "failures", "seconds")}
+        fields_["noted"] = marker.get("noted", {})
         return PartitionResult(partition=partition.id, skipped=True, **fields_)
 
     start = time.perf_counter()
@@ -174,9 +185,12 @@ def run_partition(
     writer = ShardWriter(out_dir / SHARD_DIR, partition.id, stage.output_schema, max_rows, max_bytes)
     dropped: Counter[str] = Counter()
     failed: Counter[str] = Counter()
+    noted: Counter[str] = Counter()
     try:
         for outcome in stage.process(partition):
-            if isinstance(outcome, Drop):
+            if isinstance(outcome, Note):
+                noted[outcome.key] += outcome.n
+            elif isinstance(outcome, Drop):
                 dropped[outcome.reason] += 1
             elif isinstance(outcome, Fail):
                 failed[outcome.error_class] += 1
@@ -210,6 +224,7 @@ def run_partition(
         return res
     res.dropped = dict(sorted(dropped.items()))
     res.failed = dict(sorted(failed.items()))
+    res.noted = dict(sorted(noted.items()))
     res.shards = writer.written
     res.seconds = time.perf_counter() - start
     payload = {"fingerprint": fp, "stage": stage.name, **res.to_json()}
@@ -294,6 +309,7 @@ def write_manifest(stage: Stage, out: Path, summary: RunSummary) -> dict[str, An
             "written": summary.written,
             "dropped": summary.dropped,
             "failed": summary.failed,
+            "noted": summary.noted,
             "crashed_partitions": [p.partition for p in summary.crashed],
         },
         "partitions": parts,
@@ -313,7 +329,9 @@ def results_from_markers(out: Path, ids: Iterable[str]) -> list[PartitionResult]
         else:
             results.append(
                 PartitionResult(
-                    partition=pid, **{k: m[k] for k in ("written", "dropped", "failed", "shards", "failures", "seconds")}
+                    partition=pid,
+                    noted=m.get("noted", {}),
+                    **{k: m[k] for k in ("written", "dropped", "failed", "shards", "failures", "seconds")},
                 )
             )
     return results

@@ -51,7 +51,19 @@ class Fail:
     file: str | None = None
 
 
-Outcome = dict[str, Any] | Drop | Fail
+@dataclass(frozen=True, slots=True)
+class Note:
+    """A count about the data that is not a sample's outcome (e.g. objects kept without a velocity).
+
+    The runner sums ``n`` per ``key`` into the run summary's ``noted`` counters;
+    a note is not a sample, so it never enters ``seen``.
+    """
+
+    key: str
+    n: int = 1
+
+
+Outcome = dict[str, Any] | Drop | Fail | Note
 
 
 class Stage(ABC):

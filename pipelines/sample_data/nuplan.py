@@ -6,9 +6,14 @@ map_location, roadblock_ids, ego2global_* with quaternions w first,
 ``ego_dynamic_state`` [vx, vy, ax, ay] in the ego frame, one-hot
 ``driving_command`` (left, straight, right, unknown), ``cams`` with
 ``sensor2lidar_*``, ``cam_intrinsic`` and ``distortion``, ``lidar2ego_*``,
-``lidar_path`` and ``anns``). As in the converter, ``gt_boxes`` centres are in
+``lidar_path`` and ``anns``). As in the converter
+(``DriveEngine/process_data/`` in OpenDriveLab/OpenScene): ``sensor2lidar_*``
+hold the camera-to-EGO transform (nuPlan's ``camera.rotation/translation``
+copied as they are), ``lidar2ego`` is a real, non-identity lidar extrinsic
+(here the roof lidar turned by -90 deg about z), ``gt_boxes`` centres are in
 the ego frame, box yaw is the global yaw minus the ego yaw (not wrapped) and
-``gt_velocity_3d`` is in the lidar frame. Only numpy arrays, dicts, lists,
+``gt_velocity_3d`` is rotated into the lidar frame. A reader that composes
+``lidar2ego @ sensor2lidar`` is off by metres on these logs, as on real ones. Only numpy arrays, dicts, lists,
 str, int, float and None are pickled (protocol 4), so a restricted
 unpickler that admits numpy's array reconstruction reads the logs.
 """
@@ -21,7 +26,12 @@ from typing import Any, Final
 
 import numpy as np
 
-from pipelines.geometry import quaternion_from_yaw, transform_matrix
+from pipelines.geometry import (
+    quaternion_from_rotation,
+    quaternion_from_yaw,
+    rotation_from_quaternion,
+    transform_matrix,
+)
 from pipelines.sample_data.common import SizeSpec, gt_record, simulate, token
 from pipelines.sample_data.render import PinholeCamera, encode_jpeg, make_camera
 from pipelines.sample_data.world import Scene
@@ -43,7 +53,8 @@ LIDAR2EGO_TRANSLATION: Final = (
     1.5,
     0.0,
     1.9,
-)  # MergedPointCloud origin on the roof, axes as the ego's
+)  # MergedPointCloud origin on the roof
+LIDAR2EGO_YAW: Final = -np.pi / 2  # lidar x points to the ego's right: a non-identity rotation, as in nuPlan
 # channel, position (m, ego frame), yaw (deg), horizontal FOV (deg)
 CAMERAS: Final = (
     ("CAM_F0", (1.80, 0.0, 1.60), 0.0, 70.0),
@@ -64,8 +75,9 @@ def camera_rig(spec: SizeSpec) -> list[tuple[str, PinholeCamera]]:
 
 
 def lidar2ego() -> np.ndarray:
-    """4x4 lidar -> ego transform (identity rotation, roof translation)."""
-    return transform_matrix(np.eye(3), np.asarray(LIDAR2EGO_TRANSLATION))
+    """4x4 lidar -> ego transform (roof translation, turned by ``LIDAR2EGO_YAW`` about z)."""
+    rot = rotation_from_quaternion(quaternion_from_yaw(LIDAR2EGO_YAW))
+    return transform_matrix(rot, np.asarray(LIDAR2EGO_TRANSLATION))
 
 
 def _pcd(rng: np.random.Generator, n: int = 64) -> bytes:
@@ -103,11 +115,10 @@ def write_nuplan(root: Path, seed: int, spec: SizeSpec) -> list[dict[str, Any]]:
     """Write the NAVSIM sample under ``root``; return the ground-truth records."""
     rig = camera_rig(spec)
     l2e = lidar2ego()
-    ego2lidar = np.linalg.inv(l2e)
     cam_calib = {}
     for ch, cam in rig:
-        s2l = ego2lidar @ cam.cam_to_ego  # camera (OpenCV axes) -> lidar
-        cam_calib[ch] = (s2l[:3, :3].copy(), s2l[:3, 3].copy(), cam.K.copy())
+        # OpenScene writes nuPlan's camera-to-ego transform under the name sensor2lidar_* (see docstring).
+        cam_calib[ch] = (cam.cam_to_ego[:3, :3].copy(), cam.cam_to_ego[:3, 3].copy(), cam.K.copy())
     gt: list[dict[str, Any]] = []
     index = 0
     for split, n_logs in spec.nuplan_logs.items():
@@ -212,7 +223,7 @@ def _write_log(
                 "can_bus": can_bus,
                 "lidar_path": lidar_rel,
                 "lidar2ego_translation": np.asarray(LIDAR2EGO_TRANSLATION, dtype=np.float64),
-                "lidar2ego_rotation": [1.0, 0.0, 0.0, 0.0],
+                "lidar2ego_rotation": quaternion_from_rotation(l2e[:3, :3]).tolist(),
                 "ego2global_translation": can_bus[:3].copy(),
                 "ego2global_rotation": can_bus[3:7].copy(),
                 "ego_dynamic_state": v_ego + a_ego,

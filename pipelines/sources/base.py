@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipelines.config import ConfigError, from_dict
-from pipelines.core.stage import Drop, Fail
+from pipelines.core.stage import Drop, Fail, Note
 from pipelines.io.images import ImageConfig, ImageError, StoredImage, resize_jpeg, scale_intrinsics
 from pipelines.meta_actions import MetaActionConfig, future_meta_action, history_meta_action
 from schemas.enums import Camera, Dataset, Split
@@ -107,7 +107,7 @@ class WorkUnit:
     payload: Mapping[str, Any]
 
 
-Outcome = Sample | Drop | Fail
+Outcome = Sample | Drop | Fail | Note  # Note: a data count, not a sample (e.g. objects kept without velocity)
 
 
 class Source(ABC):
@@ -233,6 +233,8 @@ def make_clip(
     calib_size: tuple[int, int],
     extrinsics: np.ndarray,
     sources: Sequence[str] | None = None,
+    distortion_model: str | None = None,
+    distortion: np.ndarray | None = None,
 ) -> CameraClip:
     """A camera clip from stored frames (oldest first) and calibration at the original resolution.
 
@@ -240,6 +242,9 @@ def make_clip(
     frame must have been decoded from that size, else the intrinsics would be
     wrong for it (raises :class:`~pipelines.io.images.ImageError` whose
     message starts with that frame's entry of ``sources``, its file).
+    ``distortion_model``/``distortion`` describe the lens of unrectified
+    images (None: pinhole); the coefficients act on normalised coordinates,
+    so resizing leaves them unchanged.
     """
     first = frames[-1][0]
     for n, (img, _) in enumerate(frames):
@@ -257,4 +262,6 @@ def make_clip(
         intrinsics=k,
         extrinsics=np.asarray(extrinsics, dtype=np.float64).reshape(4, 4),
         frames=tuple(CameraFrame(img.jpeg, int(ts)) for img, ts in frames),
+        distortion_model=distortion_model,
+        distortion=None if distortion is None else np.asarray(distortion, np.float64).reshape(-1),
     )

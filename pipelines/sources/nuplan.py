@@ -6,16 +6,29 @@
 * Scenes follow NAVSIM's ``SceneFilter``: windows of ``num_history_frames``
   (NAVSIM counts the current frame among them) + ``num_future_frames`` frames
   start every ``frame_interval`` frames (None = non-overlapping); the current
-  frame is index ``num_history_frames - 1``; windows cut by the end of the log
-  are dropped (``window_too_short``), as are frames without a route
-  (``has_route``) or outside a token list. Our history H is the last H of the
+  frame is index ``num_history_frames - 1``. Every frame of a log is one
+  outcome: the first ``num_history_frames - 1`` frames are only ever history
+  (``before_first_window``), frames between window centres (interval > 1)
+  are ``not_window_centre``, windows cut by the end of the log are dropped
+  (``window_too_short``), as are frames without a route (``has_route``) or
+  outside a token list. Our history H is the last H of the
   ``num_history_frames - 1`` past frames: NAVSIM's default 4 gives H = 3, so
   the shipped config uses 5 to get H = 4 like the other datasets.
 * Poses: ``ego2global`` translation + quaternion (w first) into the ego frame
-  at t0; velocity/acceleration: ``ego_dynamic_state`` (already ego frame);
+  at t0, the yaw taken as pyquaternion's ``yaw_pitch_roll[0]`` like NAVSIM and
+  OpenScene (:func:`~pipelines.geometry.pyquaternion_yaw`);
+  velocity/acceleration: ``ego_dynamic_state`` (already ego frame);
   command: the one-hot ``driving_command`` (left, straight, right, unknown).
-* Cameras: extrinsics = lidar2ego @ sensor2lidar (camera axes are OpenCV-like);
-  logs carry no image size, so the calibration size is the decoded image's.
+* Cameras: extrinsics = ``sensor2lidar_rotation/translation`` as they are.
+  Despite the name they are camera-to-EGO: OpenScene's converter
+  (``DriveEngine/process_data/helpers/nuplan_cameras_utils.py``) copies
+  nuPlan's ``camera.rotation/translation`` (relative to the ego frame) into
+  them, and NAVSIM projects ego-frame boxes with them alone
+  (``navsim/visualization/camera.py``); ``lidar2ego`` is nuPlan's real lidar
+  extrinsic and must not be composed in. Camera axes are OpenCV-like. Lens:
+  ``distortion`` (nuPlan's OpenCV coefficients k1, k2, p1, p2, k3) is kept as
+  ``distortion_model="opencv"``: the sensor blobs are not rectified. Logs
+  carry no image size, so the calibration size is the decoded image's.
 * Objects: ``anns.gt_boxes`` (x, y, z, l, w, h, yaw; ego frame; yaw not wrapped
   by the converter), ``gt_velocity_3d`` in the lidar frame, rotated to ego.
 """
@@ -32,7 +45,7 @@ from typing import Any, Final
 import numpy as np
 
 from pipelines.core.stage import Drop, Fail
-from pipelines.geometry import poses_to_local, transform_matrix, wrap_angle, yaw_from_quaternion
+from pipelines.geometry import poses_to_local, pyquaternion_yaw, transform_matrix, wrap_angle
 from pipelines.io.images import ImageError
 from pipelines.io.safe_pickle import safe_load
 from pipelines.sources.base import (
@@ -122,7 +135,7 @@ def frame_pose(frame: dict[str, Any]) -> np.ndarray:
     """World ``(x, y, yaw)`` of a log frame's ego."""
     t = np.asarray(frame["ego2global_translation"], dtype=np.float64)
     q = np.asarray(frame["ego2global_rotation"], dtype=np.float64)
-    return np.array([t[0], t[1], float(yaw_from_quaternion(q))])
+    return np.array([t[0], t[1], float(pyquaternion_yaw(q))])
 
 
 def lidar2ego(frame: dict[str, Any]) -> np.ndarray:
@@ -132,6 +145,19 @@ def lidar2ego(frame: dict[str, Any]) -> np.ndarray:
         np.asarray(frame["lidar2ego_rotation"], np.float64),
         np.asarray(frame["lidar2ego_translation"], np.float64),
     )
+
+
+def lens(info: dict[str, Any]) -> tuple[str | None, np.ndarray | None]:
+    """A ``cams`` entry's lens: ("opencv", coefficients) from ``distortion``, (None, None) without one."""
+    raw = info.get("distortion")
+    if raw is None:
+        return None, None
+    coeffs = np.asarray(raw, np.float64).reshape(-1)
+    if coeffs.size == 0:
+        return None, None
+    if coeffs.size not in (4, 5, 8) or not finite(coeffs):
+        raise ValueError(f"distortion {coeffs.tolist()} is not 4, 5 or 8 finite OpenCV coefficients")
+    return "opencv", coeffs
 
 
 class NuPlanSource(Source):
@@ -152,6 +178,8 @@ class NuPlanSource(Source):
             raise SourceError(
                 f"{DATASET}: options.scene_filter.num_future_frames must be 0 or >= {cfg.future}"
             )
+        if sf.num_future_frames == 0:
+            self._check_futureless_splits(cfg)
         if sf.frame_interval is not None and sf.frame_interval < 1:
             raise SourceError(
                 f"{DATASET}: options.scene_filter.frame_interval must be >= 1 or null"
@@ -162,6 +190,30 @@ class NuPlanSource(Source):
         if not (self.root / LOGS_DIR).is_dir():
             raise SourceError(
                 f"{DATASET}: {self.root / LOGS_DIR} does not exist (is --input the OpenScene root?)"
+            )
+        if not self.work_units():  # cheap (a directory listing): no silent empty run
+            logs = self.root / LOGS_DIR
+            held = {p.name: len(list(p.glob("*.pkl"))) for p in sorted(logs.iterdir()) if p.is_dir()}
+            raise SourceError(
+                f"{DATASET}: no log (*.pkl) of splits {list(cfg.splits)} under {logs}: its split directories "
+                f"(with their .pkl counts) are {held or 'none'}, options.split_map is "
+                f"{self.options.split_map}, options.scene_filter.log_names is {sf.log_names}"
+            )
+
+    def _check_futureless_splits(self, cfg: Any) -> None:
+        """num_future_frames=0 only suits test splits: a future is required everywhere else."""
+        logs = self.root / LOGS_DIR
+        present = sorted(p.name for p in logs.iterdir() if p.is_dir()) if logs.is_dir() else []
+        bad = [
+            f"{d} -> {self.options.split_map[d]}"
+            for d in present
+            if self.options.split_map.get(d) in cfg.splits and self.options.split_map[d] != "test"
+        ]
+        if bad:
+            raise SourceError(
+                f"{DATASET}: options.scene_filter.num_future_frames=0 but navsim_logs/ split(s) {bad} map to a "
+                "split that needs a 10-pose future; extract only the test split (--set splits=[test]) or set "
+                f"num_future_frames >= {cfg.future}"
             )
 
     def work_units(self) -> list[WorkUnit]:
@@ -230,15 +282,20 @@ class _LogReader:
         self._poses: dict[int, np.ndarray] = {}
 
     def _sid(self, c: int) -> str:
-        n = len(self.frames)
-        frame = str(self.frames[c]["token"]) if c < n else f"{self.frames[-1]['token']}+{c - n + 1}"
-        return make_sample_id(DATASET, self.log_name, frame)
+        return make_sample_id(DATASET, self.log_name, str(self.frames[c]["token"]))
 
     def run(self) -> Iterator[Outcome]:
-        n, nh = len(self.frames), self.sf.num_history_frames
-        for start in range(0, n, self.sf.interval):
-            c = start + nh - 1
+        """One outcome per frame of the log, so every frame is accounted for in the counts."""
+        n, first = len(self.frames), self.sf.num_history_frames - 1
+        for c in range(n):
             sid = self._sid(c)
+            start = c - first  # the window whose current frame c would be
+            if start < 0:  # NAVSIM never makes these a scene's current frame: history only
+                yield Drop(sid, "before_first_window", self.rel)
+                continue
+            if start % self.sf.interval:
+                yield Drop(sid, "not_window_centre", self.rel)
+                continue
             if start + self.sf.num_frames > n:
                 yield Drop(sid, "window_too_short", self.rel)
                 continue
@@ -311,6 +368,7 @@ class _LogReader:
             future=future,
             velocity=dyn[:2],
             acceleration=dyn[2:4],
+            velocity_source="dataset",
             command=command_from_onehot(frame.get("driving_command", ())),
             objects=self._objects(frame),
             source_files=(self.rel, *files),
@@ -321,7 +379,6 @@ class _LogReader:
     def _cameras(self, c: int) -> tuple[tuple[Any, ...], list[str]]:
         clips, files = [], []
         frame = self.frames[c]
-        l2e = lidar2ego(frame)
         for cam in self.cfg.cameras:
             ch = CHANNELS[cam]
             stored, rels = [], []
@@ -338,10 +395,12 @@ class _LogReader:
                 rels.append(rel)
             info = frame["cams"][ch]
             files.append(f"{self.blobs_rel}/{info['data_path']}")
-            s2l = transform_matrix(
+            # camera -> EGO despite the name (module docstring: OpenScene converter, NAVSIM camera.py)
+            cam_to_ego = transform_matrix(
                 np.asarray(info["sensor2lidar_rotation"], np.float64).reshape(3, 3),
                 np.asarray(info["sensor2lidar_translation"], np.float64),
             )
+            model, coeffs = lens(info)
             current = stored[-1][0]
             clips.append(
                 make_clip(
@@ -349,8 +408,10 @@ class _LogReader:
                     stored,
                     np.asarray(info["cam_intrinsic"], np.float64).reshape(3, 3),
                     (current.source_width, current.source_height),
-                    l2e @ s2l,
+                    cam_to_ego,
                     rels,
+                    model,
+                    coeffs,
                 )
             )
         return tuple(clips), files

@@ -10,15 +10,25 @@
   ego frame at t0 through the camera's own ego pose: cameras fire up to ~50 ms
   after the lidar, so ``calibrated_sensor`` alone would be off by that motion.
 * Velocity/acceleration: the CAN bus ``pose`` messages (ego frame, 50 Hz,
-  interpolated) when the scene has them, else finite differences of
-  keyframe poses (``velocity_source``).
+  interpolated) when the scene has them, else central differences of the
+  keyframe poses around t0 (the three-point derivative, exact for constant
+  acceleration; a backward difference lags half a step). The row's
+  ``velocity_source`` says which (``can_bus`` / ``pose_central_difference``)
+  and the run summary counts the fallback (``velocity_from_poses``).
 * Command: from the route — the lateral offset of the ego pose
   ``command_horizon_s`` ahead (or the last pose of the scene before it) beyond
   ``command_lateral_m`` is left/right, else straight (the reference uses 8 s
   and 2 m).
 * Objects: the keyframe's annotations in the ego frame; velocity from
   ``box_velocity`` rotated into the ego frame. An object whose velocity
-  cannot be estimated (a single annotation) is left out and counted in the log.
+  cannot be estimated (annotated in one keyframe only: a static obstacle,
+  say) is kept with ``vx``/``vy`` null and counted in the run summary
+  (``objects_velocity_unknown``), as are annotations left out for too few
+  lidar points (``objects_too_few_lidar_points``).
+* The dataroot is checked up front: the 13 tables the devkit loads, a
+  non-empty ``map.json`` whose map files exist and cover every log, so an
+  incomplete download fails naming what is missing, not with a devkit
+  traceback.
 * DriveLM-nuScenes QA is joined by sample token when ``drivelm_path`` is set.
 """
 
@@ -36,7 +46,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from pipelines.core.stage import Drop, Fail
+from pipelines.core.stage import Drop, Fail, Note
 from pipelines.geometry import (
     poses_to_local,
     rotation_from_quaternion,
@@ -76,16 +86,47 @@ DEVKIT_SPLITS: Final[dict[str, dict[str, str]]] = {
     "v1.0-trainval": {"train": "train", "val": "val"},
     "v1.0-test": {"test": "test"},
 }
+# The 13 tables NuScenes(version, dataroot) loads (nuscenes-devkit 1.2.0, NuScenes.__init__).
 REQUIRED_TABLES: Final = (
+    "category",
+    "attribute",
+    "visibility",
+    "instance",
+    "sensor",
+    "calibrated_sensor",
+    "ego_pose",
+    "log",
     "scene",
     "sample",
     "sample_data",
-    "ego_pose",
-    "calibrated_sensor",
-    "sensor",
-    "log",
+    "sample_annotation",
     "map",
 )
+
+
+def check_dataroot(root: Path, version: str) -> None:
+    """Raise :class:`SourceError` naming every table or map file the devkit would miss."""
+    tables = root / version
+    absent = [f"{t}.json" for t in REQUIRED_TABLES if not (tables / f"{t}.json").is_file()]
+    if absent:
+        raise SourceError(
+            f"{DATASET}: {tables} lacks table(s) {absent} (is --input the nuScenes dataroot "
+            f"and options.version={version!r} right?)"
+        )
+    try:
+        maps = json.loads((tables / "map.json").read_text())
+        logs = json.loads((tables / "log.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{DATASET}: cannot read {tables}/map.json or log.json: {exc}") from None
+    if not maps:
+        raise SourceError(f"{DATASET}: {tables}/map.json is empty; the devkit needs the map records")
+    missing = sorted({m.get("filename", "?") for m in maps if not (root / str(m.get("filename", ""))).is_file()})
+    if missing:
+        raise SourceError(f"{DATASET}: map file(s) {missing} listed in map.json are missing under {root}")
+    mapped = {t for m in maps for t in m.get("log_tokens", ())}
+    unmapped = sorted(lg.get("logfile") or lg["token"] for lg in logs if lg["token"] not in mapped)
+    if unmapped:
+        raise SourceError(f"{DATASET}: log(s) {unmapped[:5]} are in no map's log_tokens in {tables}/map.json")
 
 
 def object_category(name: str) -> str:
@@ -186,12 +227,7 @@ class NuScenesSource(Source):
         missing = [c for c in cfg.cameras if c not in CHANNELS]
         if missing:
             raise SourceError(f"{DATASET}: no camera {missing} (nuScenes has {sorted(CHANNELS)})")
-        tables = self.root / self.options.version
-        absent = [t for t in REQUIRED_TABLES if not (tables / f"{t}.json").is_file()]
-        if absent:
-            raise SourceError(
-                f"{DATASET}: {tables} lacks table(s) {absent} (is --input the nuScenes dataroot?)"
-            )
+        check_dataroot(self.root, self.options.version)
         if self.options.drivelm_path and not Path(self.options.drivelm_path).is_file():
             raise SourceError(
                 f"{DATASET}: options.drivelm_path {self.options.drivelm_path!r} does not exist"
@@ -298,7 +334,7 @@ class _SceneReader:
     def run(self) -> Iterator[Outcome]:
         n = len(self.samples)
         need_past = max(
-            self.cfg.history, self.span[0], 2 if self.opts.velocity_source != "can_bus" else 0
+            self.cfg.history, self.span[0], 1 if self.opts.velocity_source != "can_bus" else 0
         )
         for k, s in enumerate(self.samples):
             sid = make_sample_id(DATASET, self.scene_name, s["token"])
@@ -310,11 +346,13 @@ class _SceneReader:
                 yield self._sample(k, sid)
             self.images.retain(lambda key, k=k: key[0] >= k + 1 - self.span[0])
         if self.left_out:
-            log.info("%s %s: objects left out: %s", DATASET, self.scene_name, dict(self.left_out))
+            log.info("%s %s: object notes: %s", DATASET, self.scene_name, dict(self.left_out))
+        for key, count in sorted(self.left_out.items()):
+            yield Note(key, count)
 
     def _sample(self, k: int, sid: str) -> Outcome:
         s = self.samples[k]
-        window = self.poses[max(0, k - max(self.cfg.history, 2)) : k + self.cfg.future + 1]
+        window = self.poses[max(0, k - max(self.cfg.history, 1)) : k + self.cfg.future + 1]
         if not finite(window, self.mats[k]):
             return Fail(
                 sid,
@@ -356,6 +394,7 @@ class _SceneReader:
             future=future,
             velocity=motion[0],
             acceleration=motion[1],
+            velocity_source=motion[2],
             command=command,
             objects=self._objects(s, self.mats[k]),
             drivelm_qa=self.src._drivelm.get(s["token"]) if self.src._drivelm else None,
@@ -364,23 +403,20 @@ class _SceneReader:
             **label_sample(history, future, self.cfg.meta_actions),
         )
 
-    def _motion(self, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Velocity and acceleration (ego frame at t0): CAN bus if available, else pose differences."""
+    def _motion(self, k: int) -> tuple[np.ndarray, np.ndarray, str] | None:
+        """Velocity, acceleration (ego frame at t0) and their source: CAN bus, else pose differences."""
         if self.can is not None:
             got = self.can.at(int(self.t[k]))
             if got is not None:
-                return got
+                return got[0], got[1], "can_bus"
         if self.opts.velocity_source == "can_bus":
             return None
-        ts = self.t[k - 2 : k + 1] / 1e6
-        xy = self.poses[k - 2 : k + 1, :2]
-        v1 = (xy[2] - xy[1]) / (ts[2] - ts[1])
-        v0 = (xy[1] - xy[0]) / (ts[1] - ts[0])
-        acc = (v1 - v0) / ((ts[2] - ts[0]) / 2)
+        self.left_out["velocity_from_poses"] += 1
+        vel, acc = central_difference(self.t[k - 1 : k + 2] / 1e6, self.poses[k - 1 : k + 2, :2])
         yaw = self.poses[k, 2]
         c, sn = np.cos(yaw), np.sin(yaw)
         rot = np.array([[c, sn], [-sn, c]])  # world -> ego
-        return rot @ v1, rot @ acc
+        return rot @ vel, rot @ acc, "pose_central_difference"
 
     def _cameras(self, k: int) -> tuple[tuple[Any, ...], list[str]]:
         clips, files = [], []
@@ -420,15 +456,17 @@ class _SceneReader:
         for tok in s["anns"]:
             ann = self.nusc.get("sample_annotation", tok)
             if ann.get("num_lidar_pts", 0) < self.opts.min_lidar_points:
-                self.left_out["too_few_lidar_points"] += 1
+                self.left_out["objects_too_few_lidar_points"] += 1
                 continue
             centre = rot0_t @ (np.asarray(ann["translation"], np.float64) - ego[:3, 3])
             rel = rot0_t @ rotation_from_quaternion(np.asarray(ann["rotation"], np.float64))
-            vel = self.nusc.box_velocity(tok)
-            if not np.isfinite(vel[:2]).all():
-                self.left_out["velocity_unknown"] += 1
-                continue
-            v = rot0_t @ np.asarray(vel, np.float64)
+            vel = self.nusc.box_velocity(tok)  # NaN when annotated in one keyframe only
+            if np.isfinite(vel[:2]).all():
+                v = rot0_t @ np.asarray(vel, np.float64)
+                vx, vy = float(v[0]), float(v[1])
+            else:  # kept: a static obstacle seen once is still an obstacle
+                self.left_out["objects_velocity_unknown"] += 1
+                vx = vy = None
             out.append(
                 Object(
                     category=object_category(ann["category_name"]),
@@ -437,12 +475,27 @@ class _SceneReader:
                     heading=float(wrap_angle(np.arctan2(rel[1, 0], rel[0, 0]))),
                     length=float(ann["size"][1]),
                     width=float(ann["size"][0]),
-                    vx=float(v[0]),
-                    vy=float(v[1]),
+                    vx=vx,
+                    vy=vy,
                     track_id=ann["instance_token"],
                 )
             )
         return tuple(out)
+
+
+def central_difference(t: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Velocity and acceleration at the middle of three timed points ``t (3,)``, ``xy (3,2)``.
+
+    The derivatives of the parabola through the points (exact for constant
+    acceleration; for unequal steps too), unlike a backward difference, which
+    gives the velocity half a step earlier.
+    """
+    h0, h1 = float(t[1] - t[0]), float(t[2] - t[1])
+    d0, d1 = xy[1] - xy[0], xy[2] - xy[1]
+    denom = h0 * h1 * (h0 + h1)
+    vel = (h0 * h0 * d1 + h1 * h1 * d0) / denom
+    acc = 2.0 * (h0 * d1 - h1 * d0) / denom
+    return vel, acc
 
 
 def _rigid_inverse(m: np.ndarray) -> np.ndarray:

@@ -19,7 +19,15 @@ every other past point (oldest first), future the 2 Hz points 0.5 .. 5 s.
 Headings are not stored: they are the direction of the states' velocity
 vectors where present, else of the 4 Hz track (central differences, exact
 for constant-curvature motion, where a one-sided 2 Hz difference would lag by
-half a step's turn); a nearly static vehicle keeps its heading.
+half a step's turn); a nearly static vehicle keeps its heading. A direction
+of motion is the heading h or, reversing, h + pi: walking out from t0
+(heading 0, so the sign of the longitudinal velocity decides there) each
+point takes whichever of the two is continuous with its neighbour's heading.
+
+An intent value outside the proto's enum is kept as ``unknown`` and counted
+(``intent_value_not_in_enum``); selected splits whose file globs match
+nothing in the input directory fail before any work, listing the globs tried
+and the directory's files.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +45,7 @@ from typing import Any, Final
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from pipelines.core.stage import Drop, Fail
+from pipelines.core.stage import Drop, Fail, Note
 from pipelines.io.images import ImageError
 from pipelines.io.tfrecord import (
     FOOTER_SIZE,
@@ -249,7 +258,7 @@ def track_headings(
         d = xy[b] - xy[a]
         return float(np.arctan2(d[1], d[0])) if float(np.hypot(d[0], d[1])) >= min_chord else None
 
-    def estimate(i: int, direction: int) -> float | None:
+    def motion(i: int, direction: int) -> float | None:
         if velocity is not None:
             vx, vy = velocity[i]
             return float(np.arctan2(vy, vx)) if float(np.hypot(vx, vy)) >= min_speed else None
@@ -264,11 +273,21 @@ def track_headings(
             return h1
         return h1 + 0.5 * float(np.angle(np.exp(1j * (h1 - h0))))
 
+    def estimate(i: int, direction: int, prev: float) -> float | None:
+        # The direction of motion is the heading when driving forward and heading + pi when
+        # reversing: take the one continuous with the neighbour's heading (no car turns 90 deg
+        # in 0.25 s). At t0's neighbours prev = 0, i.e. the sign of the longitudinal velocity.
+        h = motion(i, direction)
+        if h is None:
+            return None
+        flip = abs(float(np.angle(np.exp(1j * (h - prev))))) > np.pi / 2
+        return h + np.pi if flip else h
+
     for direction in (1, -1):
         prev = 0.0
         i = current + direction
         while 0 <= i < n:
-            h = estimate(i, direction)
+            h = estimate(i, direction, prev)
             prev = prev if h is None else h
             out[i] = prev
             i += direction
@@ -301,6 +320,7 @@ class WaymoE2ESource(Source):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
+        self._check_globs()
         max_history = (PAST_STATES - 1) // STEP  # 2 Hz poses strictly inside (-4 s, 0)
         if cfg.history > max_history:
             # Checked here, not per frame: every sample would be dropped as insufficient_history.
@@ -308,6 +328,20 @@ class WaymoE2ESource(Source):
                 f"{DATASET}: history={cfg.history} but past_states (16 at 4 Hz over (-4 s, 0]) "
                 f"hold at most {max_history} poses at 2 Hz before t0"
             )
+
+    def _check_globs(self) -> None:
+        """Fail before any work when no selected split's globs match a file (a typo'd --input or glob)."""
+        if any(self._files(split) for split in self.cfg.splits):
+            return
+        root = self.root if self.root.is_dir() else self.root.parent
+        held = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+        tried = {split: self.options.files.get(split, []) for split in self.cfg.splits}
+        shown = held[:20] + ([f"... {len(held) - 20} more"] if len(held) > 20 else [])
+        raise SourceError(
+            f"{DATASET}: no input file matches the globs of splits {list(self.cfg.splits)} under "
+            f"{self.root}: tried {tried} (set options.files.<split>); the directory holds "
+            f"{shown or 'nothing'}"
+        )
 
     def _files(self, split: str) -> list[Path]:
         globs = self.options.files.get(split, [])
@@ -433,6 +467,7 @@ class _SegmentReader:
             k * clip.step for k in range(clip.frames - 1, -1, -1)
         ]  # offsets back from t0, oldest first
         self.last_use: dict[int, int] = {}  # frame index -> last current index that needs it
+        self.notes: Counter[str] = Counter()  # data counts for the run summary (Note outcomes)
 
     def run(self) -> Iterator[Outcome]:
         order = sorted(self.frames)
@@ -450,6 +485,8 @@ class _SegmentReader:
             self.images.retain(lambda key, i=i: self.last_use.get(key[0], -1) > i)
             for j in [j for j in self.raw if self.last_use.get(j, -1) <= i]:
                 del self.raw[j]
+        for key, count in sorted(self.notes.items()):
+            yield Note(key, count)
 
     def _read(self, i: int) -> Any:
         if i not in self.raw:
@@ -498,11 +535,19 @@ class _SegmentReader:
             scene_id=self.segment,
             timestamp_us=int(frame.frame.timestamp_micros),
             cameras=cameras,
-            command=INTENTS.get(int(frame.intent), Command.UNKNOWN).value,
+            command=self._command(int(frame.intent), sid),
             source_files=tuple(files),
             extractor_version=EXTRACTOR_VERSION,
             **traj,
         )
+
+    def _command(self, intent: int, sid: str) -> str:
+        cmd = INTENTS.get(intent)
+        if cmd is None:  # a value outside the enum (newer proto?): unknown, but counted
+            self.notes["intent_value_not_in_enum"] += 1
+            log.warning("%s: %s has intent %d, not in %s; using unknown", DATASET, sid, intent, sorted(INTENTS))
+            return Command.UNKNOWN.value
+        return cmd.value
 
     def _trajectories(self, frame: Any, sid: str, rel: str) -> dict[str, Any] | Outcome:
         past = _xy(frame.past_states)
@@ -546,6 +591,7 @@ class _SegmentReader:
             "future": future,
             "velocity": vel,
             "acceleration": acc,
+            "velocity_source": "dataset",
             **label_sample(history, future, self.cfg.meta_actions),
         }
         prefs = [

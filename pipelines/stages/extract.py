@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipelines.config import to_dict
-from pipelines.core.stage import Drop, Fail, Outcome, Partition, Stage
+from pipelines.core.stage import Drop, Fail, Note, Outcome, Partition, Stage
 from pipelines.sources import make_source
 from pipelines.sources.base import ExtractConfig, Source, WorkUnit
 from schemas.sample import SAMPLE_SCHEMA, SchemaError, validate_row
@@ -88,7 +88,7 @@ class ExtractStage(Stage):
     def _unit(self, unit: WorkUnit) -> Iterator[Outcome]:
         try:
             for out in self.source.iter_unit(unit):
-                if isinstance(out, (Drop, Fail)):
+                if isinstance(out, (Drop, Fail, Note)):
                     yield out
                     continue
                 row = out.to_record()

@@ -86,12 +86,14 @@ def object_boxes(objects: Sequence[Mapping[str, Any]], times: np.ndarray) -> np.
     n = len(objects)
     out = np.empty((n, len(times), 4, 2))
     for j, o in enumerate(objects):
-        vals = [o[k] for k in ("x", "y", "vx", "vy", "heading", "length", "width")]
+        # Unknown velocity (vx = vy = null, e.g. a nuScenes object annotated once): held static.
+        vx, vy = (0.0, 0.0) if o.get("vx") is None and o.get("vy") is None else (o["vx"], o["vy"])
+        vals = [o["x"], o["y"], vx, vy, o["heading"], o["length"], o["width"]]
         if any(v is None or not np.isfinite(float(v)) for v in vals):
             # NaN boxes are never separated by SAT, so they would count as a collision
             raise RewardError(f"object {j} ({o.get('category')!r}, track {o.get('track_id')!r}) has a null/NaN box field")
-        x = float(o["x"]) + float(o["vx"]) * times
-        y = float(o["y"]) + float(o["vy"]) * times
+        x = float(o["x"]) + float(vx) * times
+        y = float(o["y"]) + float(vy) * times
         poses = np.stack([x, y, np.full_like(times, float(o["heading"]))], axis=-1)
         out[j] = box_corners(poses, float(o["length"]), float(o["width"]))
     return out
