@@ -4,7 +4,9 @@ Projection: the future ``(x, y)`` poses lie on the ground, taken as the ego
 frame's ``z = 0`` plane (the ego origin is the rear-axle centre on the road in
 every source). A camera's extrinsics map camera (OpenCV: x right, y down,
 z forward) coordinates to the ego frame, so points go ego -> camera through
-the inverse, then through the intrinsics.
+the inverse, then through the camera's lens model (``distortion_model`` /
+``distortion``: the stored images of nuPlan and WOD are not rectified) and
+the intrinsics, so the drawn points sit where the image shows the road.
 """
 
 from __future__ import annotations
@@ -23,18 +25,18 @@ log = logging.getLogger(__name__)
 MIN_DEPTH_M = 0.5  # points closer to the camera plane than this are not drawn
 
 
-def project_ego_points(points_ego: np.ndarray, intrinsics: np.ndarray, extrinsics: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def project_ego_points(
+    points_ego: np.ndarray,
+    intrinsics: np.ndarray,
+    extrinsics: np.ndarray,
+    distortion_model: str | None = None,
+    distortion: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Ego-frame points ``(N,3)`` -> pixel ``(N,2)`` and depth ``(N,)`` (depth <= 0: behind the camera)."""
-    pts = np.asarray(points_ego, np.float64).reshape(-1, 3)
-    K = np.asarray(intrinsics, np.float64).reshape(3, 3)
-    cam_to_ego = np.asarray(extrinsics, np.float64).reshape(4, 4)
-    ego_to_cam = np.linalg.inv(cam_to_ego)
-    cam = pts @ ego_to_cam[:3, :3].T + ego_to_cam[:3, 3]
-    depth = cam[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        uvw = cam @ K.T
-        uv = uvw[:, :2] / uvw[:, 2:3]
-    return uv, depth
+    from pipelines.geometry import project_points
+
+    coeffs = None if distortion is None else np.asarray(distortion, np.float64)
+    return project_points(points_ego, intrinsics, extrinsics, distortion_model, coeffs)
 
 
 def future_on_camera(row: Mapping[str, Any], camera: str = "front") -> dict[str, Any]:
@@ -56,7 +58,9 @@ def future_on_camera(row: Mapping[str, Any], camera: str = "front") -> dict[str,
         image = frame.convert("RGB")
     fut = np.asarray(row["future"], np.float64).reshape(-1, 3)
     pts = np.column_stack([fut[:, 0], fut[:, 1], np.zeros(len(fut))])
-    uv, depth = project_ego_points(pts, cam["intrinsics"], cam["extrinsics"])
+    uv, depth = project_ego_points(
+        pts, cam["intrinsics"], cam["extrinsics"], cam.get("distortion_model"), cam.get("distortion")
+    )
     visible = depth > MIN_DEPTH_M
     uv = uv[visible]
     w, h = image.size

@@ -64,6 +64,29 @@ def _pct(n: int, d: int) -> str:
     return f"{n} ({100.0 * n / d:.1f}%)" if d else str(n)
 
 
+# Whether each source's images are rectified (pinhole) or carry a lens model in `distortion_model`.
+IMAGES_RECTIFIED = {
+    "nuscenes": (True, "nuScenes images are undistorted and rectified (nuscenes-devkit issue #120)"),
+    "nuplan": (False, "nuPlan/NAVSIM images are not rectified; OpenCV coefficients (k1, k2, p1, p2, k3) per camera"),
+    "waymo_e2e": (False, "WOD images are not rectified (waymo-open-dataset issue #53); OpenCV coefficients per camera"),
+    "bench2drive": (True, "CARLA renders ideal pinhole images"),
+}
+
+
+def _lens_text(datasets: Sequence[str]) -> str:
+    """One line per dataset: rectified images, or the lens model to apply when projecting."""
+    lines = [
+        "Lens distortion: `cameras[].distortion_model` / `distortion` hold the lens model of images that are not "
+        "rectified (null for rectified, pinhole images); project with it (e.g. `cv2.projectPoints`) or undistort "
+        "first.\n"
+    ]
+    for ds in datasets:
+        rectified, why = IMAGES_RECTIFIED.get(ds, (None, "not recorded for this source"))
+        state = "rectified" if rectified else ("not rectified" if rectified is False else "unknown")
+        lines.append(f"- `{ds}`: {state} ({why})")
+    return "\n".join(lines) + "\n"
+
+
 def render_card(
     stats: Mapping[str, Any],
     filter_stats: Mapping[str, Mapping[str, Any]],
@@ -197,6 +220,7 @@ def render_card(
         "`history` (H,3) and `future` (10,3) are (x, y, heading) at 2 Hz; camera extrinsics map camera "
         "(OpenCV) coordinates to the ego frame; intrinsics are for the stored image size.\n"
     )
+    s.append(_lens_text(ds_list))
     s.append(_table(["column", "type"], [[f"`{n}`", f"`{t}`"] for n, t in schema]))
     s.append(
         f"\nschema version {meta.get('schema_version')}, build version {meta.get('build_version')}, "

@@ -25,7 +25,7 @@ of motion is the heading h or, reversing, h + pi: walking out from t0
 point takes whichever of the two is continuous with its neighbour's heading.
 
 An intent value outside the proto's enum is kept as ``unknown`` and counted
-(``intent_value_not_in_enum``); selected splits whose file globs match
+(``intent_value_not_in_enum``; an absent intent: ``intent_missing``); selected splits whose file globs match
 nothing in the input directory fail before any work, listing the globs tried
 and the directory's files.
 """
@@ -535,19 +535,34 @@ class _SegmentReader:
             scene_id=self.segment,
             timestamp_us=int(frame.frame.timestamp_micros),
             cameras=cameras,
-            command=self._command(int(frame.intent), sid),
+            command=self._command(frame, sid),
             source_files=tuple(files),
             extractor_version=EXTRACTOR_VERSION,
             **traj,
         )
 
-    def _command(self, intent: int, sid: str) -> str:
-        cmd = INTENTS.get(intent)
-        if cmd is None:  # a value outside the enum (newer proto?): unknown, but counted
-            self.notes["intent_value_not_in_enum"] += 1
-            log.warning("%s: %s has intent %d, not in %s; using unknown", DATASET, sid, intent, sorted(INTENTS))
-            return Command.UNKNOWN.value
-        return cmd.value
+    def _command(self, frame: Any, sid: str) -> str:
+        """The frame's intent as a Command; a value outside the enum becomes unknown and is counted.
+
+        ``intent`` is a closed (proto2) enum: protobuf parses a value it does not know (from a newer
+        proto) into the unknown fields and reads the field as UNKNOWN, so look there too.
+        """
+        if frame.HasField("intent"):
+            cmd = INTENTS.get(int(frame.intent))
+            if cmd is not None:
+                return cmd.value
+            raw: Any = int(frame.intent)
+        else:
+            from google.protobuf.unknown_fields import UnknownFieldSet
+
+            number = frame.DESCRIPTOR.fields_by_name["intent"].number
+            raw = next((f.data for f in UnknownFieldSet(frame) if f.field_number == number), None)
+            if raw is None:
+                self.notes["intent_missing"] += 1
+                return Command.UNKNOWN.value
+        self.notes["intent_value_not_in_enum"] += 1
+        log.warning("%s: %s has intent %s, not in %s; using unknown", DATASET, sid, raw, sorted(INTENTS))
+        return Command.UNKNOWN.value
 
     def _trajectories(self, frame: Any, sid: str, rel: str) -> dict[str, Any] | Outcome:
         past = _xy(frame.past_states)
@@ -622,7 +637,22 @@ class _SegmentReader:
             ext[:3, :3] = ext[:3, :3] @ WAYMO_FROM_CV
             stored = [self._image(i - d, cid, cam) for d in self.span]
             where = [f"{self.frames[i - d][0]}@{self.frames[i - d][1]}" for d in self.span]
-            clips.append(make_clip(cam, stored, k, (int(cal.width), int(cal.height)), ext, where))
+            # intrinsic = [f_u, f_v, c_u, c_v, k1, k2, p1, p2, k3] (dataset.proto); WOD images are not
+            # rectified (waymo-open-dataset issue #53), so the lens coefficients travel with the clip.
+            coeffs = np.asarray(cal.intrinsic[4:9], np.float64) if len(cal.intrinsic) >= 9 else None
+            model = "opencv" if coeffs is not None and finite(coeffs) else None
+            clips.append(
+                make_clip(
+                    cam,
+                    stored,
+                    k,
+                    (int(cal.width), int(cal.height)),
+                    ext,
+                    where,
+                    model,
+                    coeffs if model else None,
+                )
+            )
         return tuple(clips)
 
     def _image(self, j: int, cid: int, cam: str) -> tuple[Any, int]:
