@@ -346,7 +346,7 @@ class _SceneReader:
                 yield self._sample(k, sid)
             self.images.retain(lambda key, k=k: key[0] >= k + 1 - self.span[0])
         if self.left_out:
-            log.info("%s %s: object notes: %s", DATASET, self.scene_name, dict(self.left_out))
+            log.info("%s %s: notes: %s", DATASET, self.scene_name, dict(self.left_out))
         for key, count in sorted(self.left_out.items()):
             yield Note(key, count)
 
