@@ -126,11 +126,16 @@ def test_nuplan_lens_distortion_stored_and_used(navsim, tmp_path):
     coeffs = np.array([-0.35, 0.12, 0.001, -0.002, -0.02])
     for f in frames:
         f["cams"]["CAM_F0"]["distortion"] = coeffs
+        if len(f["anns"]["gt_velocity_3d"]):  # and one broken object velocity per frame: counted, not silent
+            f["anns"]["gt_velocity_3d"][0, 0] = np.nan
     log.write_bytes(pickle.dumps(frames, protocol=4))
     for other in log.parent.glob("*.pkl"):
         if other != log:
             other.unlink()
-    _, rows2 = extract("nuplan", root, tmp_path / "out")
+    summary, rows2 = extract("nuplan", root, tmp_path / "out")
+    with_objects = {f["token"] for f in frames if len(f["anns"]["gt_velocity_3d"])}
+    written = [r for r in rows2 if r["sample_id"].split("/")[-1] in with_objects]
+    assert written and summary.noted == {"objects_non_finite_box_or_velocity": len(written)}
     front = next(c for c in rows2[0]["cameras"] if c["name"] == "front")
     np.testing.assert_allclose(front["distortion"], coeffs, rtol=1e-6)
     # The card's projection uses it: the same future lands elsewhere with the lens model than without.

@@ -44,7 +44,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from pipelines.core.stage import Drop, Fail
+from pipelines.core.stage import Drop, Fail, Note
 from pipelines.geometry import poses_to_local, pyquaternion_yaw, transform_matrix, wrap_angle
 from pipelines.io.images import ImageError
 from pipelines.io.safe_pickle import safe_load
@@ -311,6 +311,8 @@ class _LogReader:
             self.images.retain(lambda key, c=c: key[0] >= c + self.sf.interval - self.span[0])
         if self.left_out:
             log.info("%s %s: objects left out: %s", DATASET, self.rel, dict(self.left_out))
+        for key, count in sorted(self.left_out.items()):  # counted in the run summary too
+            yield Note(f"objects_{key}", count)
 
     def _pose(self, i: int) -> np.ndarray:
         """World pose of frame ``i``, computed once per log (windows overlap)."""
