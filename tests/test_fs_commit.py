@@ -68,8 +68,10 @@ def test_object_store_run_uses_unique_names_and_matches_local(tmp_path, mem_url)
     local = run_stage(ToyStage(), tmp_path, max_rows=2, progress=False)
     remote = run_stage(ToyStage(), mem_url, max_rows=2, progress=False)
     assert (remote.written, remote.dropped, remote.failed) == (local.written, local.dropped, local.failed)
-    names = [p.name for p in list_shards(mem_url)]
-    assert len(names) == 9 and all(len(n.split("-")) == 3 for n in names)  # <pid>-<k>-<attempt>
+    shards = list_shards(mem_url)
+    assert [p.name for p in shards] == [p.name for p in list_shards(tmp_path)]  # names stay deterministic
+    assert len({p.parent.name for p in shards}) == 3  # one unique attempt prefix per partition
+    assert all(len(p.parent.name) == 12 and p.parent.parent.name == "shards" for p in shards)
     assert read_table(mem_url).equals(read_table(tmp_path))
     manifest = json.loads(fs.read_bytes(fs.join(mem_url, "manifest.json")))
     assert manifest["complete"] and manifest["missing_partitions"] == []
@@ -79,24 +81,28 @@ def test_readers_trust_markers_only_and_rerun_collects_garbage(mem_url):
     first = run_stage(ToyStage(crash_on="p1"), mem_url, progress=False)
     assert [p.partition for p in first.crashed] == ["p1"]
     # objects of a killed attempt (no marker) and a stray object: present, but not trusted
-    junk = [fs.join(mem_url, "shards", n) for n in ("p1-00000-0123456789ab.parquet", "p0-00000-ffffffffffff.parquet")]
+    junk = [fs.join(mem_url, "shards", n) for n in ("0123456789ab/p1-00000.parquet", "ffffffffffff/p0-00000.parquet")]
     for j in junk:
         fs.write_parquet(pa.table({"sample_id": ["ghost"], "value": [0]}), j)
-    assert not any(p.name in {j.name for j in junk} for p in list_shards(mem_url))
+    assert not {str(j) for j in junk} & {str(p) for p in list_shards(mem_url)}
     assert "ghost" not in read_table(mem_url).column("sample_id").to_pylist()
     with pytest.raises(IncompleteInputError, match="p1"):
         check_complete(mem_url)
     second = run_stage(ToyStage(), mem_url, progress=False)
     assert second.ok and [p.skipped for p in second.partitions] == [True, False, True]
     assert not any(fs.exists(j) for j in junk)  # garbage-collected by the rerun
-    listed = {p.name for p in list_shards(mem_url)}
-    assert {p.name for p in fs.listdir(fs.join(mem_url, "shards"))} == listed
+    from pipelines.core.shards import stored_shards
+
+    listed = {str(p) for p in list_shards(mem_url)}
+    assert {str(fs.join(mem_url, "shards", n)) for n in stored_shards(mem_url)} == listed
     assert check_complete(mem_url)["complete"]
 
 
 def test_partition_crash_removes_its_own_objects(mem_url):
     run_stage(ToyStage(crash_on="p2", per_part=7), mem_url, max_rows=1, progress=False)
-    assert not [p for p in fs.listdir(fs.join(mem_url, "shards")) if p.name.startswith("p2-")]
+    from pipelines.core.shards import stored_shards
+
+    assert not [n for n in stored_shards(mem_url) if n.split("/")[-1].startswith("p2-")]
 
 
 # --------------------------------------------------------------------------- completeness

@@ -5,8 +5,7 @@ stores (``s3://``, ``gs://`` ... through :mod:`pipelines.io.fs`). Each partition
 
 1. writes its rows to ``shards/<partition>-<k>.parquet`` locally (temp name,
    atomic rename) or, on an object store where nothing renames atomically, to
-   ``shards/<partition>-<k>-<attempt>.parquet`` under a name unique to this
-   attempt;
+   ``shards/<attempt>/<partition>-<k>.parquet``, a key unique to this attempt;
 2. writes ``_done/<partition>.json`` last: counters, shard names, failures and
    the stage fingerprint. That marker is the commit record: readers
    (:func:`pipelines.core.shards.list_shards`) trust only objects it lists.
@@ -46,6 +45,7 @@ from pipelines.core.shards import (
     ShardWriter,
     atomic_write_bytes,
     new_attempt_id,
+    stored_shards,
     uncommitted_shards,
 )
 from pipelines.core.stage import Drop, Fail, Partition, Stage
@@ -345,7 +345,7 @@ def write_manifest(
     out = fs.as_path(out)
     want = sorted(expected) if expected is not None else sorted(p.partition for p in summary.partitions)
     markers = [p for p in fs.glob(fs.join(out, DONE_DIR), "*.json") if not p.name.startswith(".")]
-    present = {p.name for p in fs.listdir(fs.join(out, SHARD_DIR))}
+    present = set(stored_shards(out))
     parts: dict[str, Any] = {}
     broken: list[str] = []
     for marker, data in zip(markers, fs.cat_many(markers), strict=True):

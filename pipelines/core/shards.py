@@ -1,11 +1,14 @@
 """Parquet shards: bounded size, atomic writes, names unique per attempt; readers trust markers.
 
-A partition's shards are ``shards/<partition>-<k:05d>-<attempt>.parquet``:
-``attempt`` is random per run of the partition, so two attempts (a retry, a
-worker of a killed driver still running) never write the same object, which
-matters on object stores where nothing can be renamed atomically. Which
+A partition's shards are ``shards/<partition>-<k:05d>.parquet`` on a local
+disk (temp name + atomic rename) and ``shards/<attempt>/<partition>-<k:05d>.parquet``
+on object stores, where nothing can be renamed atomically: ``attempt`` is
+random per run of a partition, so two attempts (a retry, a worker of a killed
+driver still running) never write the same object, while file *names* (and so
+downstream partition ids, which are shard stems) stay deterministic. Which
 objects count is decided by the partition's marker (``_done/<partition>.json``,
-written last): :func:`list_shards` returns only what markers list.
+written last, listing the shards relative to ``shards/``): :func:`list_shards`
+returns only what markers list.
 """
 
 from __future__ import annotations
@@ -66,11 +69,13 @@ def new_attempt_id() -> str:
 
 
 def shard_name(prefix: str, k: int, attempt: str | None) -> str:
-    return f"{prefix}-{k:05d}-{attempt}.parquet" if attempt else f"{prefix}-{k:05d}.parquet"
+    """The shard's path relative to ``shards/`` (what markers list)."""
+    name = f"{prefix}-{k:05d}.parquet"
+    return f"{attempt}/{name}" if attempt else name
 
 
 class ShardWriter:
-    """Buffers rows of one partition and writes ``<prefix>-<k:05d>[-<attempt>].parquet`` shards of bounded size."""
+    """Buffers rows of one partition and writes ``[<attempt>/]<prefix>-<k:05d>.parquet`` shards of bounded size."""
 
     def __init__(
         self,
@@ -137,11 +142,22 @@ def list_shards(stage_dir: AnyPath) -> list[Path]:
     return [d / n for n in names]
 
 
+def stored_shards(stage_dir: AnyPath) -> list[str]:
+    """Every object under ``shards/`` (recursively), relative to it; ``[]`` when absent."""
+    d = fs.join(stage_dir, SHARD_DIR)
+    if not d.is_dir():
+        return []
+    fsys, inner = fs.url_to_fs(d)
+    inner = inner.rstrip("/")
+    return sorted(p[len(inner) + 1 :] for p in fsys.find(inner) if p.startswith(inner + "/"))
+
+
 def uncommitted_shards(stage_dir: AnyPath) -> list[Path]:
     """Objects under ``shards/`` that no marker lists (garbage of unfinished attempts)."""
     committed = committed_shards(stage_dir) or {}
     keep = {n for shards in committed.values() for n in shards}
-    return [p for p in fs.listdir(fs.join(stage_dir, SHARD_DIR)) if p.name not in keep]
+    d = fs.join(stage_dir, SHARD_DIR)
+    return [d / n for n in stored_shards(stage_dir) if n not in keep]
 
 
 def read_parquet(path: AnyPath, columns: Sequence[str] | None = None) -> pa.Table:
