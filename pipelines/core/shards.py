@@ -138,7 +138,8 @@ def list_shards(stage_dir: AnyPath) -> list[Path]:
     committed = committed_shards(stage_dir)
     if committed is None:
         return [p for p in fs.glob(d, "*.parquet") if not p.name.startswith(".")]
-    names = sorted(n for shards in committed.values() for n in shards)
+    # canonical order: by file name (the attempt prefix of object-store keys does not count)
+    names = sorted((n for shards in committed.values() for n in shards), key=lambda n: (n.rsplit("/", 1)[-1], n))
     return [d / n for n in names]
 
 
