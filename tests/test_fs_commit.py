@@ -42,6 +42,9 @@ def test_urls_keep_their_scheme_where_pathlib_would_collapse_it():
     assert str(p / "shards" / "a.parquet") == "gs://bucket/wod/shards/a.parquet"
     assert isinstance(fs.as_path("data/sample"), Path) and not fs.is_url("data/sample")
     assert fs.as_path("file:///tmp/x") == Path("/tmp/x")
+    from pipelines.sources.base import ExtractConfig
+
+    assert str(ExtractConfig(dataset="waymo_e2e", input="gs://bucket/wod").input_path) == "gs://bucket/wod"
 
 
 def test_cli_path_arguments_keep_urls():
@@ -182,3 +185,17 @@ def test_beam_local_run_makes_no_network_attempt_and_logs_no_error(tmp_path, mon
     noisy = [r.getMessage() for r in caplog.records if "prism" in r.getMessage().lower()
              or "falling back" in r.getMessage().lower() or r.levelno >= logging.ERROR]  # fmt: skip
     assert noisy == []
+
+
+def test_nuscenes_from_a_url_is_refused_with_the_reason():
+    from pipelines.sources import SourceError
+    from pipelines.sources.base import ExtractConfig
+    from pipelines.sources.nuscenes import NuScenesSource
+
+    cfg = ExtractConfig(dataset="nuscenes", input="memory://h12fs-nus/dataroot")
+    fs.write_bytes("memory://h12fs-nus/dataroot/v1.0-mini/scene.json", b"[]")
+    try:
+        with pytest.raises(SourceError, match="local dataroot"):
+            NuScenesSource(cfg)
+    finally:
+        fs.remove_tree("memory://h12fs-nus")
