@@ -199,3 +199,12 @@ def test_nuscenes_from_a_url_is_refused_with_the_reason():
             NuScenesSource(cfg)
     finally:
         fs.remove_tree("memory://h12fs-nus")
+
+
+def test_beam_launcher_reads_markers_through_the_fs_layer(tmp_path, mem_url):
+    """Output at a URL (an in-memory object store here): the launcher finds the workers' markers there."""
+    local = run_stage(ToyStage(), tmp_path, progress=False)
+    beam = run_stage(ToyStage(), mem_url, engine="beam")
+    assert beam.ok and not beam.missing and beam.written == local.written
+    assert read_table(mem_url).equals(read_table(tmp_path))
+    assert json.loads(fs.read_bytes(fs.join(mem_url, "manifest.json")))["complete"]

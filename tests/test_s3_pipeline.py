@@ -62,7 +62,8 @@ def s3(sample_data):
         fsspec.filesystem("s3").invalidate_cache()
         s3fs = fsspec.filesystem("s3", skip_instance_cache=True)
         s3fs.mkdir(BUCKET)
-        s3fs.put(str(sample_data.waymo_e2e) + "/", f"{BUCKET}/input/waymo_e2e/", recursive=True)
+        for ds in ("waymo_e2e", "nuplan"):
+            s3fs.put(str(getattr(sample_data, ds)) + "/", f"{BUCKET}/input/{ds}/", recursive=True)
         yield {"env": env, "input": f"s3://{BUCKET}/input/waymo_e2e", "data": f"s3://{BUCKET}/data"}
     server.stop()
 
@@ -76,14 +77,15 @@ def _steps(data: str) -> list[list[str]]:
     ]
 
 
-def _extract(data: str, input_: str) -> list[str]:
-    return ["extract", "--dataset", "waymo_e2e", "--input", input_, "--out", data, "--engine", "local", *EXTRACT_SET]
+def _extract(data: str, input_: str, dataset: str = "waymo_e2e") -> list[str]:
+    return ["extract", "--dataset", dataset, "--input", input_, "--out", data, "--engine", "local", *EXTRACT_SET]
 
 
 @pytest.fixture(scope="module")
 def local_run(sample_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("local_pipeline")
     assert cli(_extract(str(root), str(sample_data.waymo_e2e))) == 0
+    assert cli(_extract(str(root), str(sample_data.nuplan), "nuplan")) == 0
     for argv in _steps(str(root)):
         assert cli(argv) == 0, argv[0]
     return root
@@ -127,6 +129,8 @@ def s3_run(s3, local_run):
         fs.write_bytes(fs.join(data, "codebook", name), (local_run / "codebook" / name).read_bytes())
     for argv in _steps(data)[1:]:
         assert cli(argv) == 0, argv[0]
+    # a second source read from the bucket (NAVSIM logs + sensor blobs)
+    assert cli(_extract(data, f"s3://{BUCKET}/input/nuplan", "nuplan")) == 0
     return data, killed
 
 
@@ -142,7 +146,9 @@ def test_kill_then_rerun_commits_everything_once(s3_run):
     assert listed == sorted(str(fs.join(stage_dir, "shards", n)) for n in stored_shards(stage_dir))
 
 
-@pytest.mark.parametrize("stage", ["extract/waymo_e2e", "tokenize/waymo_e2e", "annotate/waymo_e2e", "build"])
+@pytest.mark.parametrize(
+    "stage", ["extract/waymo_e2e", "tokenize/waymo_e2e", "annotate/waymo_e2e", "build", "extract/nuplan"]
+)
 def test_bucket_output_identical_to_local(s3_run, local_run, stage):
     data, _ = s3_run
     remote, local = read_table(fs.join(data, stage)), read_table(local_run / stage)

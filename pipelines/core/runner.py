@@ -425,7 +425,13 @@ def results_from_markers(out: AnyPath, ids: Iterable[str]) -> list[PartitionResu
     for pid in ids:
         m = read_marker(out, pid)
         if m is None:
-            results.append(PartitionResult(partition=pid, error="no completion marker (see worker logs)"))
+            results.append(
+                PartitionResult(
+                    partition=pid,
+                    error="no completion marker visible to the launcher: the worker crashed (see its logs) "
+                    "or wrote where the launcher cannot read (no shared file system)",
+                )
+            )
         else:
             results.append(
                 PartitionResult(
