@@ -167,3 +167,17 @@ def test_codebook_fitted_in_bucket(s3_run, local_run):
     assert remote.meta.datasets == local.meta.datasets and remote.k > 0
     report = json.loads(fs.read_bytes(fs.join(data, "codebook_fit", "report.json")))
     assert all(fs.is_file(fs.join(data, "codebook_fit", p)) for p in report["plots"])
+
+
+def test_driver_sees_markers_written_by_other_processes(s3):
+    """s3fs caches listings per process: a driver must not miss markers that workers wrote since."""
+    import fsspec
+
+    from pipelines.core.shards import committed_shards
+
+    stage = f"s3://{BUCKET}/cache_check"
+    fs.write_bytes(fs.join(stage, "_done", "a.json"), json.dumps({"shards": ["a-00000.parquet"]}).encode())
+    assert list(committed_shards(stage)) == ["a"]  # lists (and caches) _done/
+    other = fsspec.filesystem("s3", skip_instance_cache=True)  # another worker's client
+    other.pipe(f"{BUCKET}/cache_check/_done/b.json", json.dumps({"shards": ["b-00000.parquet"]}).encode())
+    assert sorted(committed_shards(stage)) == ["a", "b"]

@@ -168,7 +168,7 @@ def _marker_path(out_dir: AnyPath, pid: str) -> Path:
 def read_marker(out_dir: AnyPath, pid: str) -> dict[str, Any] | None:
     p = _marker_path(out_dir, pid)
     try:
-        return json.loads(p.read_bytes())
+        return json.loads(fs.read_bytes(p))
     except FileNotFoundError:
         return None
 
@@ -387,7 +387,7 @@ def check_complete(stage_dir: AnyPath, *, allow_incomplete: bool = False, what: 
     """
     path = fs.join(stage_dir, MANIFEST)
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(fs.read_bytes(path))
     except FileNotFoundError:
         if not fs.is_dir(fs.join(stage_dir, DONE_DIR)):
             # Not written by this runner (shards made by hand or another tool): nothing to check against.

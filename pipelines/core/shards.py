@@ -146,7 +146,7 @@ def list_shards(stage_dir: AnyPath) -> list[Path]:
 def stored_shards(stage_dir: AnyPath) -> list[str]:
     """Every object under ``shards/`` (recursively), relative to it; ``[]`` when absent."""
     d = fs.join(stage_dir, SHARD_DIR)
-    if not d.is_dir():
+    if not fs.is_dir(d):
         return []
     fsys, inner = fs.url_to_fs(d)
     inner = inner.rstrip("/")

@@ -87,20 +87,34 @@ def url_to_fs(p: AnyPath) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(to_str(p))
 
 
+def refresh(p: AnyPath) -> None:
+    """Forget cached listings under ``p`` (s3fs/gcsfs cache them per process).
+
+    Other processes (workers on other machines) write markers and shards; a
+    driver that listed a prefix before must not trust that listing afterwards.
+    """
+    if is_url(p):
+        fsys, inner = url_to_fs(p)
+        fsys.invalidate_cache(inner)
+
+
 def join(base: AnyPath, *parts: str) -> Path:
     """``base / part / ...`` keeping URL schemes intact."""
     return as_path(base).joinpath(*parts)
 
 
 def exists(p: AnyPath) -> bool:
+    refresh(p)
     return as_path(p).exists()
 
 
 def is_dir(p: AnyPath) -> bool:
+    refresh(p)
     return as_path(p).is_dir()
 
 
 def is_file(p: AnyPath) -> bool:
+    refresh(p)
     return as_path(p).is_file()
 
 
@@ -122,6 +136,7 @@ def makedirs(p: AnyPath) -> None:
 def glob(base: AnyPath, pattern: str) -> list[Path]:
     """Entries of ``base`` matching ``pattern``, sorted by their string form."""
     path = as_path(base)
+    refresh(path)
     if not path.is_dir():
         return []
     return sorted(path.glob(pattern), key=str)
@@ -130,6 +145,7 @@ def glob(base: AnyPath, pattern: str) -> list[Path]:
 def listdir(p: AnyPath) -> list[Path]:
     """Direct children of a directory (sorted); ``[]`` when it does not exist."""
     path = as_path(p)
+    refresh(path)
     if not path.is_dir():
         return []
     return sorted(path.iterdir(), key=str)
@@ -146,12 +162,14 @@ def remove(p: AnyPath, missing_ok: bool = True) -> None:
 
 def remove_tree(p: AnyPath) -> None:
     """Delete a directory / prefix and everything below it (no error when absent)."""
+    refresh(p)
     fs, inner = url_to_fs(p)
     if fs.exists(inner):
         fs.rm(inner, recursive=True)
 
 
 def read_bytes(p: AnyPath) -> bytes:
+    refresh(p)
     return as_path(p).read_bytes()
 
 
