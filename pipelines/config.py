@@ -139,8 +139,6 @@ def to_dict(cfg: Any) -> Any:
 
 def dump_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(p)
+    from pipelines.io import fs  # local: temp + rename; object stores: one PUT
+
+    fs.write_bytes(path, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())

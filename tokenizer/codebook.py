@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
 
 from pipelines.core.shards import atomic_write_bytes
+from pipelines.io.fs import as_path
 from schemas.sample import MODEL_DT
 from tokenizer.segments import end_contours
 
@@ -98,7 +100,7 @@ class Codebook:
 
 def codebook_paths(path: str | Path) -> tuple[Path, Path]:
     """``(tensors, json)`` for a codebook directory, ``.safetensors`` file or ``.json`` file."""
-    p = Path(path)
+    p = as_path(path)  # local path or s3:// / gs:// URL
     if p.suffix == ".safetensors":
         return p, p.with_suffix(".json")
     if p.suffix == ".json":
@@ -109,18 +111,13 @@ def codebook_paths(path: str | Path) -> tuple[Path, Path]:
 def save_codebook(codebook: Codebook, path: str | Path) -> tuple[Path, Path]:
     """Write the pair atomically (tensors first, then the JSON that vouches for them)."""
     st_path, js_path = codebook_paths(path)
-    st_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = st_path.with_name(f".{st_path.name}.tmp")
-    save_file(
+    data = save_tensors(  # serialised in memory: no local temp file (the target may be a URL)
         {
             "tokens": np.ascontiguousarray(codebook.tokens, np.float32),
             "contours": np.ascontiguousarray(codebook.contours, np.float32),
         },
-        str(tmp),
         metadata={"format_version": str(FORMAT_VERSION), "k": str(codebook.k)},
     )
-    data = tmp.read_bytes()
-    tmp.unlink()
     atomic_write_bytes(st_path, data)
     meta = replace(codebook.meta, k=codebook.k, tensors_sha256=hashlib.sha256(data).hexdigest())
     atomic_write_bytes(
@@ -174,7 +171,7 @@ def load_codebook(path: str | Path) -> Codebook:
             f"{js_path}: tensors_sha256 does not match {st_path} (the metadata belongs to other tensors)"
         )
     try:
-        tensors = load_file(str(st_path))
+        tensors = load_tensors(data)  # the bytes whose hash was just checked
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
         raise CodebookError(f"{st_path}: not a readable safetensors file ({exc})") from None
     tokens, contours = tensors.get("tokens"), tensors.get("contours")

@@ -15,6 +15,7 @@ import numpy as np
 
 from pipelines.config import dump_config
 from pipelines.geometry import VEHICLE_LENGTH, VEHICLE_WIDTH
+from pipelines.io.fs import as_path
 from schemas.sample import MODEL_DT
 from tokenizer.codebook import Codebook, CodebookMeta, load_codebook, save_codebook
 from tokenizer.kdisk import kdisk_fit
@@ -100,7 +101,7 @@ def fit_codebook(
     data: str | Path, cfg: CodebookConfig, out_dir: str | Path
 ) -> tuple[Codebook, dict[str, Any]]:
     """Fit on ``<data>/extract/<dataset>`` shards, write codebook + report into ``out_dir``."""
-    out = Path(out_dir)
+    out = as_path(out_dir)  # local path or s3:// / gs:// URL
     fd = load_fit_data(data, cfg)
     sample, timings = fd.sample, dict(fd.timings)
     t1 = time.perf_counter()

@@ -7,6 +7,7 @@ sample id keeps them out of the fit), per dataset and overall.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.core.shards import atomic_write_bytes
+from pipelines.io import fs
 from tokenizer.nearest import TokenIndex
 from tokenizer.tokenizer import ActionTokenizer
 
@@ -79,8 +81,8 @@ def write_report(
     round trips (futures the fit saw) are reported beside them, labelled, so a
     tiny data set without held-out rows still shows how the codebook does.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fs.as_path(out_dir)  # local path or s3:// / gs:// URL
+    fs.makedirs(out)
     held = _evaluate(tokenizer, heldout, "held-out")
     report: dict[str, Any] = {
         "fit": dict(fit),
@@ -194,6 +196,12 @@ def _figure() -> Any:
     return plt
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    fs.write_bytes(path, buf.getvalue())
+
+
 def _plot_tokens(path: Path, tokenizer: ActionTokenizer) -> Path:
     plt = _figure()
     tok = tokenizer.tokens
@@ -204,7 +212,7 @@ def _plot_tokens(path: Path, tokenizer: ActionTokenizer) -> Path:
     ax.set_ylabel("dy (m)")
     ax.set_title(f"action tokens: end points of {len(tok)} segments (0.5 s)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -225,7 +233,7 @@ def _plot_roundtrip(path: Path, fut: np.ndarray, dec: np.ndarray, n: int, label:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"round trip on {label} futures (x forward, y left)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -238,6 +246,6 @@ def _plot_usage(path: Path, counts: np.ndarray) -> Path:
     ax.set_xlabel("token id")
     ax.set_ylabel("uses (held-out)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipelines.core.shards import list_shards
+from pipelines.core.shards import list_shards, read_parquet
 from pipelines.geometry import VEHICLE_LENGTH, VEHICLE_WIDTH, box_corners, wrap_angle
+from pipelines.io.fs import as_path
 from schemas.sample import FUTURE_STEPS
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class FutureSet:
 
 def dataset_dirs(data: str | Path, datasets: Sequence[str] | None = None) -> dict[str, Path]:
     """``{dataset: <data>/extract/<dataset>}`` for the requested (default: every extracted) dataset."""
-    root = Path(data) / EXTRACT_DIR
+    root = as_path(data) / EXTRACT_DIR  # local path or s3:// / gs:// URL
     if datasets:
         out = {d: root / d for d in datasets}
         missing = [d for d, p in out.items() if not list_shards(p)]
@@ -165,7 +165,7 @@ def read_futures(dataset: str, stage_dir: str | Path) -> FutureSet:
     """Read the ``future`` column (and ``sample_id``) of one extracted dataset's shards."""
     futs, ids, nulls, files = [], [], 0, []
     for path in list_shards(stage_dir):
-        table = pq.read_table(path, columns=["sample_id", "future"])
+        table = read_parquet(path, columns=["sample_id", "future"])
         sids = table.column("sample_id").to_numpy(zero_copy_only=False)
         fut, valid = _futures_from_column(table.column("future"), str(path), sids)
         futs.append(fut)
@@ -173,7 +173,7 @@ def read_futures(dataset: str, stage_dir: str | Path) -> FutureSet:
         nulls += int((~valid).sum())
         files.append(str(path))
     if not files:
-        raise FileNotFoundError(f"no shards under {Path(stage_dir) / 'shards'}")
+        raise FileNotFoundError(f"no shards under {as_path(stage_dir) / 'shards'}")
     futures = np.concatenate(futs) if futs else np.zeros((0, FUTURE_STEPS, 3), np.float32)
     if nulls:
         log.info("%s: skipped %d rows with a null future (test split)", dataset, nulls)

@@ -14,12 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from pipelines.card.plots import future_on_camera, plot_distributions, plot_example
 from pipelines.card.render import render_card
 from pipelines.card.stats import dataset_stats, schema_table, stage_manifest
-from pipelines.core.shards import atomic_write_bytes, list_shards
+from pipelines.core.shards import atomic_write_bytes, list_shards, read_parquet
+from pipelines.io.fs import as_path
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ def pick_examples(build_dir: str | Path, n_slow: int = 3, n_fast: int = 1) -> li
                     break
                 taken = {c["sample_id"] for c in chosen}
                 have_ds = {c["dataset"] for c in chosen if c["think_mode"] == want_mode}
-                thin = pq.read_table(path, columns=["sample_id", "dataset", "think_mode"]).to_pylist()
+                thin = read_parquet(path, columns=["sample_id", "dataset", "think_mode"]).to_pylist()
                 idx = [
                     i for i, r in enumerate(thin)
                     if r["think_mode"] == want_mode and r["sample_id"] not in taken
@@ -62,7 +61,7 @@ def pick_examples(build_dir: str | Path, n_slow: int = 3, n_fast: int = 1) -> li
                 ]  # fmt: skip
                 if not idx:
                     continue
-                table = pq.read_table(path)
+                table = read_parquet(path)
                 for i in idx[:MAX_CANDIDATES_PER_SHARD]:
                     row = table.slice(i, 1).to_pylist()[0]
                     if _shows_future(row):
@@ -80,17 +79,17 @@ def write_card(
     n_examples: int = 4,
 ) -> Path:
     """Write README.md, stats.json and plots/ into ``build_dir``; return the card's path."""
-    build = Path(build_dir)
+    build = as_path(build_dir)  # local path or s3:// / gs:// URL
     stats = dataset_stats(build)
     fstats: dict[str, Any] = {}
     for ds, d in filter_dirs.items():
-        p = Path(d) / "filter_stats.json"
+        p = as_path(d) / "filter_stats.json"
         if p.is_file():
             fstats[ds] = json.loads(p.read_text())
     manifest = stage_manifest(build) or {}
     codebook = None
-    if codebook_dir is not None and (Path(codebook_dir) / "codebook.json").is_file():
-        codebook = json.loads((Path(codebook_dir) / "codebook.json").read_text())
+    if codebook_dir is not None and (as_path(codebook_dir) / "codebook.json").is_file():
+        codebook = json.loads((as_path(codebook_dir) / "codebook.json").read_text())
 
     plots: dict[str, list[str]] = {"distributions": [], "examples": []}
     if stats["datasets"]:

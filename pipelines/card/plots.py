@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.io import fs
+
 log = logging.getLogger(__name__)
 
 MIN_DEPTH_M = 0.5  # points closer to the camera plane than this are not drawn
@@ -96,8 +98,9 @@ def plot_distributions(stats: Mapping[str, Any], path: Path) -> Path:
         ax.set_ylabel("samples")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()  # the build directory may be an object-store URL
+    fig.savefig(buf, format="png", dpi=90)
+    fs.write_bytes(path, buf.getvalue())
     plt.close(fig)
     return path
 
@@ -145,7 +148,8 @@ def plot_example(row: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylim(h, 0)
     ax.axis("off")
     fig.text(0.01, 0.0, caption, fontsize=7, va="bottom", ha="left", family="monospace")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    buf = io.BytesIO()  # the build directory may be an object-store URL
+    fig.savefig(buf, format="png", dpi=90)
+    fs.write_bytes(path, buf.getvalue())
     plt.close(fig)
     return path

@@ -7,10 +7,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from annotators.filters import reason_key
-from pipelines.core.shards import list_shards
+from pipelines.core.shards import list_shards, read_parquet
+from pipelines.io.fs import as_path, parquet_file
 from pipelines.stages.build import SPLITS, shard_split_and_dataset
 
 STAT_COLUMNS = (
@@ -39,7 +38,7 @@ def dataset_stats(build_dir: str | Path) -> dict[str, Any]:
     for path in list_shards(build_dir):
         split, ds = shard_split_and_dataset(path)
         files[split].append(f"shards/{path.name}")
-        table = pq.read_table(path, columns=list(STAT_COLUMNS))
+        table = read_parquet(path, columns=list(STAT_COLUMNS))
         counts[ds][split] += table.num_rows
         for row in table.to_pylist():
             scenes[ds][split].add(row["scene_id"])
@@ -61,7 +60,7 @@ def dataset_stats(build_dir: str | Path) -> dict[str, Any]:
 
 
 def stage_manifest(stage_dir: str | Path) -> dict[str, Any] | None:
-    p = Path(stage_dir) / "manifest.json"
+    p = as_path(stage_dir) / "manifest.json"
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -70,5 +69,5 @@ def schema_table(build_dir: str | Path) -> list[tuple[str, str]]:
     shards = list_shards(build_dir)
     if not shards:
         return []
-    schema = pq.read_schema(shards[0])
+    schema = parquet_file(shards[0]).schema_arrow
     return [(f.name, str(f.type)) for f in schema]

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from collections import Counter
 from pathlib import Path
 
-from pipelines.commands.common import add_engine_args, add_set_arg, exit_code, run_with_engine
+from pipelines.commands.common import (
+    add_engine_args,
+    add_input_check_arg,
+    add_set_arg,
+    as_path,
+    check_inputs,
+    exit_code,
+    run_with_engine,
+)
 from pipelines.config import ConfigError, dump_config, load_config
+from pipelines.io import fs
+from pipelines.resources import config_path
 
 log = logging.getLogger(__name__)
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "annotate.yaml"
+CONFIG = config_path("annotate.yaml")
 EXTRACT_DIR, TOKENIZE_DIR, ANNOTATE_DIR = "extract", "tokenize", "annotate"
 
 DESCRIPTION = """\
@@ -48,8 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dataset", required=True, help="dataset name (waymo_e2e, nuscenes, nuplan)")
     p.add_argument(
-        "--data", type=Path, required=True, help="data root (holds extract/, codebook/, annotate/)"
+        "--data", type=as_path, required=True,
+        help="data root, local path or s3://... / gs://... (holds extract/, codebook/, annotate/)"
     )
+    add_input_check_arg(p)
     p.add_argument(
         "--config",
         type=Path,
@@ -136,7 +147,7 @@ def ensure_input(args: argparse.Namespace) -> Path:
         log.info("no extracted shards in %s: extracting %s first", extract_dir, args.dataset)
         overrides = [f"input={args.input}"] if args.input else []
         cfg = load_config(ExtractConfig, default_config(args.dataset), overrides)
-        extract_dir.mkdir(parents=True, exist_ok=True)
+        fs.makedirs(extract_dir)
         dump_config(cfg, extract_dir / "config.yaml")
         summary = run_with_engine(ExtractStage(cfg), extract_dir, args)
         print(summary.format())
@@ -144,6 +155,8 @@ def ensure_input(args: argparse.Namespace) -> Path:
             raise RuntimeError(
                 f"extraction of {args.dataset} did not finish; see the summary above"
             )
+    elif not check_inputs([extract_dir], args, what="extracted input"):
+        raise RuntimeError(f"{extract_dir} is incomplete (see above)")
     codebook = args.data / "codebook"
     if not codebook.exists():
         return extract_dir
@@ -220,8 +233,8 @@ def run(args: argparse.Namespace) -> int:
     if args.overwrite and out.exists():
         for child in out.iterdir():
             if child.name != CACHE_DIR:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+                fs.remove_tree(child) if child.is_dir() else child.unlink()
+    fs.makedirs(out)
     dump_config(cfg, out / "config.yaml")  # holds the key's env var name, never the key
     try:
         stage.preflight()  # in the driver, so a missing server is reported before any worker starts

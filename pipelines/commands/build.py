@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from annotators.filters import FilterConfig
 from annotators.judge import JudgeConfig
-from pipelines.commands.common import add_engine_args, add_set_arg, run_with_engine
+from pipelines.commands.common import (
+    add_engine_args,
+    add_input_check_arg,
+    add_set_arg,
+    as_path,
+    check_inputs,
+    run_with_engine,
+)
 from pipelines.config import ConfigError, dump_config, load_config
 from pipelines.core.runner import RunSummary, StageMismatchError
+from pipelines.io import fs
+from pipelines.resources import config_path
 from pipelines.stages.build import (
     BuildConfig,
     BuildStage,
@@ -33,7 +41,7 @@ from pipelines.stages.filter import FilterStage, FilterStageConfig, write_filter
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "build.yaml"
+DEFAULT_CONFIG = config_path("build.yaml")
 ANNOTATE_DIR, FILTER_DIR, BUILD_DIR, CODEBOOK_DIR = "annotate", "filter", "build", "codebook"
 
 
@@ -68,7 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, type=Path, help="data root holding annotate/<dataset> and codebook/")
+    p.add_argument("--data", required=True, type=as_path,
+                   help="data root (local path, s3://... or gs://...) holding annotate/<dataset> and codebook/")
+    add_input_check_arg(p)
     p.add_argument("--datasets", nargs="+", default=None, help="datasets to build (default: every annotated one)")
     p.add_argument(
         "--config", type=Path, default=DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None,
@@ -183,10 +193,11 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}")
         return 2
+    if not check_inputs([data / ANNOTATE_DIR / ds for ds in datasets], args, what="annotated input"):
+        return 2
     if args.overwrite:
         for d in [data / FILTER_DIR / ds for ds in datasets] + [data / BUILD_DIR]:
-            if d.exists():
-                shutil.rmtree(d)
+            fs.remove_tree(d)
     try:
         res = run_build(data, datasets, cfg, args)
     except (StageMismatchError, FileNotFoundError) as exc:

@@ -6,12 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipelines.commands.common import add_input_check_arg, as_path, check_inputs
 from pipelines.config import ConfigError, load_config
+from pipelines.resources import config_path
 from tokenizer.fit import CodebookConfig, fit_codebook
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "codebook.yaml"
+DEFAULT_CONFIG = config_path("codebook.yaml")
 CODEBOOK_DIR = "codebook"  # <data>/codebook
 
 
@@ -42,10 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "--data", required=True, type=Path, help="data root holding extract/<dataset>/shards"
+        "--data", required=True, type=as_path,
+        help="data root (local path, s3://... or gs://...) holding extract/<dataset>/shards"
     )
     p.add_argument(
-        "--out", type=Path, default=None, help="output directory (default: <data>/codebook)"
+        "--out", type=as_path, default=None, help="output directory (default: <data>/codebook)"
     )
     p.add_argument(
         "--config",
@@ -90,6 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="override any config key, e.g. --set heldout_fraction=0.1 (repeatable)",
     )
+    add_input_check_arg(p)
 
 
 def config_from_args(args: argparse.Namespace) -> CodebookConfig:
@@ -118,6 +122,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
     except ConfigError as exc:
         log.error("%s", exc)
+        return 2
+    from tokenizer.segments import dataset_dirs
+
+    dirs = dataset_dirs(args.data, cfg.datasets)  # FileNotFoundError names what is missing
+    if not check_inputs(dirs.values(), args, what="extracted input"):
         return 2
     out = args.out or args.data / CODEBOOK_DIR
     codebook, report = fit_codebook(args.data, cfg, out)

@@ -1,14 +1,29 @@
-"""Options shared by the stage commands: engine selection, overrides, summaries."""
+"""Options shared by the stage commands: engine selection, overrides, input checks, summaries.
+
+Path arguments use ``type=as_path`` (:func:`pipelines.io.fs.as_path`): local
+paths stay :class:`pathlib.Path`, ``s3://`` / ``gs://`` URLs keep their scheme
+(``Path("gs://b/x")`` would collapse it to ``gs:/b/x``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
-from pipelines.core.runner import ENGINES, RunSummary, run_stage
+from pipelines.core.runner import (
+    ENGINES,
+    IncompleteInputError,
+    RunSummary,
+    check_complete,
+    run_stage,
+)
 from pipelines.core.stage import Stage
+from pipelines.io.fs import AnyPath, as_path
+
+__all__ = ["as_path", "add_engine_args", "add_set_arg", "add_input_check_arg", "check_inputs", "exit_code"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +66,28 @@ def add_set_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_input_check_arg(parser: argparse.ArgumentParser) -> None:
+    """``--allow-incomplete``: accept an upstream stage whose manifest is not complete."""
+    parser.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="use upstream stage outputs even when their manifest is missing or incomplete (missing "
+        "partitions are then missing here too); by default such an input is refused with exit code 2",
+    )
+
+
+def check_inputs(dirs: Iterable[AnyPath], args: argparse.Namespace, what: str = "input") -> bool:
+    """Check that every upstream stage directory is complete; logs the reason and returns False if not."""
+    allow = bool(getattr(args, "allow_incomplete", False))
+    for d in dirs:
+        try:
+            check_complete(d, allow_incomplete=allow, what=what)
+        except IncompleteInputError as exc:
+            log.error("%s", exc)
+            return False
+    return True
+
+
 def run_with_engine(stage: Stage, out: Path, args: argparse.Namespace, **kwargs) -> RunSummary:
     """Run ``stage`` with the engine options of ``args`` and log the summary."""
     if getattr(args, "ray_address", None):
@@ -66,6 +103,7 @@ def run_with_engine(stage: Stage, out: Path, args: argparse.Namespace, **kwargs)
 
 
 def exit_code(summary: RunSummary) -> int:
-    """0 when every partition finished (failed samples are counted, not fatal); 1 if any crashed."""
+    """0 when every partition finished (failed samples are counted, not fatal); 1 if any crashed
+    or finished without a completion marker the driver can see (``summary.missing``)."""
     print(summary.format())
     return 0 if summary.ok else 1

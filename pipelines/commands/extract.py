@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 
-from pipelines.commands.common import add_engine_args, add_set_arg, exit_code, run_with_engine
+from pipelines.commands.common import (
+    add_engine_args,
+    add_set_arg,
+    as_path,
+    exit_code,
+    run_with_engine,
+)
 from pipelines.config import ConfigError, dump_config, load_config
+from pipelines.io import fs
+from pipelines.resources import config_path
 from pipelines.sources import SOURCES, SourceError
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "extract"
+CONFIG_DIR = config_path("extract")  # the checkout's configs/ or the installed drivevla_configs
 
 
 def default_config(dataset: str) -> Path:
@@ -42,13 +49,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="extraction YAML (default: configs/extract/DATASET.yaml shipped with the package)",
     )
     p.add_argument(
-        "--out", type=Path, required=True, help="data root; output goes to OUT/extract/DATASET/"
+        "--out", type=as_path, required=True,
+        help="data root (local path, s3://... or gs://...); output goes to OUT/extract/DATASET/"
     )
     p.add_argument(
         "--input",
         default=None,
-        help="dataset root, overriding the config's `input` (default there: data/sample/DATASET, "
-        "as written by `drivevla generate --out data/sample`)",
+        help="dataset root (local path, s3://... or gs://...), overriding the config's `input` (default "
+        "there: data/sample/DATASET, as written by `drivevla generate --out data/sample`)",
     )
     p.add_argument(
         "--overwrite",
@@ -76,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, SourceError, KeyError) as exc:
         log.error("%s", exc)
         return 2
-    out = Path(args.out) / "extract" / args.dataset
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fs.join(args.out, "extract", args.dataset)
+    if args.overwrite:
+        fs.remove_tree(out)
+    fs.makedirs(out)
     dump_config(cfg, out / "config.yaml")
     summary = run_with_engine(stage, out, args, max_rows=args.shard_rows)
     return exit_code(summary)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from pipelines.commands.common import add_engine_args, run_with_engine
+from pipelines.commands.common import (
+    add_engine_args,
+    add_input_check_arg,
+    as_path,
+    check_inputs,
+    run_with_engine,
+)
 from pipelines.stages.tokenize import TokenizeStage
 from tokenizer.segments import dataset_dirs
 
@@ -27,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument(
-        "--data", required=True, type=Path, help="data root holding extract/<dataset>/shards"
+        "--data", required=True, type=as_path,
+        help="data root (local path, s3://... or gs://...) holding extract/<dataset>/shards"
     )
     p.add_argument(
         "--datasets",
@@ -37,13 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--codebook",
-        type=Path,
+        type=as_path,
         default=None,
         help="codebook directory or file (default: <data>/codebook)",
     )
     p.add_argument(
-        "--out", type=Path, default=None, help=f"output root (default: <data>/{TOKENIZE_DIR})"
+        "--out", type=as_path, default=None, help=f"output root (default: <data>/{TOKENIZE_DIR})"
     )
+    add_input_check_arg(p)
     add_engine_args(p, default="local")
 
 
@@ -51,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     codebook = args.codebook or args.data / "codebook"
     out_root = args.out or args.data / TOKENIZE_DIR
     rc = 0
-    for name, in_dir in dataset_dirs(args.data, args.datasets).items():
+    dirs = dataset_dirs(args.data, args.datasets)
+    if not check_inputs(dirs.values(), args, what="extracted input"):
+        return 2
+    for name, in_dir in dirs.items():
         stage = TokenizeStage(in_dir, codebook)
         summary = run_with_engine(stage, out_root / name, args)
         print(summary.format())

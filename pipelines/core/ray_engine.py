@@ -18,6 +18,7 @@ from typing import Any
 
 from pipelines.core.runner import PartitionResult, run_partition
 from pipelines.core.stage import Partition, Stage
+from pipelines.io.fs import as_path
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
 class _PartitionWorker:
     def __init__(self, stage: Stage, out_dir: str, kwargs: dict[str, Any]) -> None:
         self.stage = stage
-        self.out_dir = Path(out_dir)
+        self.out_dir = as_path(out_dir)  # keeps s3://, gs:// URLs intact
         self.kwargs = kwargs
         stage.setup()
 

@@ -1,17 +1,27 @@
 """Run a :class:`~pipelines.core.stage.Stage` locally, on Ray Data or on Apache Beam.
 
-Resumable by construction (STYLE.md habit 4). Each partition:
+Resumable by construction (STYLE.md habit 4), on local disks and on object
+stores (``s3://``, ``gs://`` ... through :mod:`pipelines.io.fs`). Each partition:
 
-1. removes leftovers of an earlier, unfinished attempt (shards with its prefix),
-2. writes its rows to ``shards/<partition>-<k>.parquet`` (temp name, rename),
-3. writes ``_done/<partition>.json`` last: counters, shard names, failures and
-   the stage fingerprint. That marker is the completion record.
+1. writes its rows to ``shards/<partition>-<k>.parquet`` locally (temp name,
+   atomic rename) or, on an object store where nothing renames atomically, to
+   ``shards/<attempt>/<partition>-<k>.parquet``, a key unique to this attempt;
+2. writes ``_done/<partition>.json`` last: counters, shard names, failures and
+   the stage fingerprint. That marker is the commit record: readers
+   (:func:`pipelines.core.shards.list_shards`) trust only objects it lists.
 
-A rerun skips partitions with a marker, so a crash anywhere leaves either a
-complete partition or one that is redone from scratch: rows are never lost or
-duplicated. Markers are one file per partition, so workers on several machines
-sharing a file system never write the same file. The manifest is rebuilt from
-the markers at the end of every run, whatever the engine.
+A rerun skips partitions with a marker and first deletes every object under
+``shards/`` that no marker lists (leftovers of crashed attempts), so a crash
+anywhere leaves either a complete partition or one that is redone from
+scratch: rows are never lost or duplicated. Markers are one file per
+partition, so workers on several machines never write the same file.
+
+The manifest is rebuilt from the markers the driver can see at the end of
+every run, whatever the engine. A partition whose marker the driver cannot
+read (workers writing to their own local disks: no shared file system) makes
+the run incomplete: :attr:`RunSummary.missing` names it, the manifest says
+``complete: false`` and the CLI exits non-zero; downstream stages refuse such
+an input (:func:`check_complete`) unless told ``--allow-incomplete``.
 """
 
 from __future__ import annotations
@@ -30,23 +40,37 @@ from typing import Any
 from pipelines.core.shards import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ROWS,
+    DONE_DIR,
     SHARD_DIR,
     ShardWriter,
     atomic_write_bytes,
+    new_attempt_id,
+    stored_shards,
+    uncommitted_shards,
 )
 from pipelines.core.stage import Drop, Fail, Note, Partition, Stage
+from pipelines.io import fs
+from pipelines.io.fs import AnyPath
 from schemas.sample import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
 
-DONE_DIR = "_done"
 MANIFEST = "manifest.json"
+NO_SHARED_FS_HINT = (
+    "likely cause: the workers wrote their completion markers where this driver cannot read them "
+    "(no shared file system between the machines); use an output directory every machine and "
+    "the driver can reach, e.g. s3://bucket/prefix or gs://bucket/prefix, or a shared mount"
+)
 MAX_FAILURES_KEPT = 200  # per partition; counters stay exact beyond it
 ENGINES = ("local", "ray", "beam")
 
 
 class StageMismatchError(RuntimeError):
     """The output directory holds results of a different stage config."""
+
+
+class IncompleteInputError(RuntimeError):
+    """An upstream stage directory has no manifest or an incomplete one."""
 
 
 @dataclass
@@ -77,6 +101,7 @@ class RunSummary:
     out_dir: Path
     partitions: list[PartitionResult]
     seconds: float
+    missing: list[str] = field(default_factory=list)  # ran, but the driver sees no marker
 
     @property
     def written(self) -> int:
@@ -113,7 +138,7 @@ class RunSummary:
 
     @property
     def ok(self) -> bool:
-        return not self.crashed
+        return not self.crashed and not self.missing
 
     def format(self) -> str:
         """A human-readable summary: counts by outcome and reason; they add up to ``seen``."""
@@ -131,30 +156,51 @@ class RunSummary:
             lines.append(f"  noted    {key:<32} {n}")
         for p in self.crashed:
             lines.append(f"  CRASHED partition {p.partition}: {p.error}")
+        if self.missing:
+            lines.append(
+                f"  INCOMPLETE: {len(self.missing)} partition(s) without a completion marker visible "
+                f"to the driver: {_preview(self.missing)}; {NO_SHARED_FS_HINT}"
+            )
         return "\n".join(lines)
+
+
+def _preview(ids: list[str], n: int = 10) -> str:
+    return ", ".join(ids[:n]) + (f" ... (+{len(ids) - n} more)" if len(ids) > n else "")
 
 
 # --------------------------------------------------------------------------- one partition
 
 
-def _marker_path(out_dir: Path, pid: str) -> Path:
-    return out_dir / DONE_DIR / f"{pid}.json"
+def _marker_path(out_dir: AnyPath, pid: str) -> Path:
+    return fs.join(out_dir, DONE_DIR, f"{pid}.json")
 
 
-def read_marker(out_dir: Path, pid: str) -> dict[str, Any] | None:
+def read_marker(out_dir: AnyPath, pid: str) -> dict[str, Any] | None:
     p = _marker_path(out_dir, pid)
-    if not p.is_file():
+    try:
+        return json.loads(fs.read_bytes(p))
+    except FileNotFoundError:
         return None
-    return json.loads(p.read_text())
 
 
-def _clear_leftovers(out_dir: Path, pid: str) -> None:
-    shard_dir = out_dir / SHARD_DIR
-    if shard_dir.is_dir():
-        for p in shard_dir.glob(f"{pid}-*.parquet"):
-            p.unlink()
-        for p in shard_dir.glob(f".{pid}-*.tmp"):
-            p.unlink()
+def write_marker(out_dir: AnyPath, pid: str, payload: dict[str, Any]) -> None:
+    """The commit record of a partition; written after every object it lists."""
+    atomic_write_bytes(_marker_path(out_dir, pid), json.dumps(payload, sort_keys=True).encode())
+
+
+def collect_garbage(out_dir: AnyPath) -> int:
+    """Delete objects under ``shards/`` that no marker lists (crashed attempts); returns how many."""
+    junk = uncommitted_shards(out_dir)
+    for p in junk:
+        fs.remove(p)
+    if junk:
+        log.info("%s: removed %d uncommitted object(s) of unfinished attempts", out_dir, len(junk))
+    return len(junk)
+
+
+def _remove_objects(out_dir: AnyPath, names: list[str]) -> None:
+    for n in names:
+        fs.remove(fs.join(out_dir, SHARD_DIR, n))
 
 
 def run_partition(
@@ -166,7 +212,7 @@ def run_partition(
     max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> PartitionResult:
     """Run one partition unless its marker exists; never raises for errors inside the stage."""
-    out_dir = Path(out_dir)
+    out_dir = fs.as_path(out_dir)
     fp = stage.fingerprint()
     marker = read_marker(out_dir, partition.id)
     if marker is not None:
@@ -180,9 +226,10 @@ def run_partition(
         return PartitionResult(partition=partition.id, skipped=True, **fields_)
 
     start = time.perf_counter()
-    _clear_leftovers(out_dir, partition.id)
     res = PartitionResult(partition=partition.id)
-    writer = ShardWriter(out_dir / SHARD_DIR, partition.id, stage.output_schema, max_rows, max_bytes)
+    # Unique object names per attempt where there is no atomic rename (object stores).
+    attempt = new_attempt_id() if fs.is_url(out_dir) else None
+    writer = ShardWriter(out_dir / SHARD_DIR, partition.id, stage.output_schema, max_rows, max_bytes, attempt)
     dropped: Counter[str] = Counter()
     failed: Counter[str] = Counter()
     noted: Counter[str] = Counter()
@@ -216,7 +263,7 @@ def run_partition(
                 res.written += 1
         writer.flush()
     except Exception as exc:  # the partition crashed: report it, write no marker, keep going
-        _clear_leftovers(out_dir, partition.id)
+        _remove_objects(out_dir, writer.written)
         res.error = f"{type(exc).__name__}: {exc}"
         log.error("%s: partition %s crashed:\n%s", stage.name, partition.id, traceback.format_exc())
         res.written = 0
@@ -229,7 +276,7 @@ def run_partition(
     res.seconds = time.perf_counter() - start
     payload = {"fingerprint": fp, "stage": stage.name, **res.to_json()}
     payload.pop("error", None)
-    atomic_write_bytes(_marker_path(out_dir, partition.id), json.dumps(payload, sort_keys=True).encode())
+    write_marker(out_dir, partition.id, payload)
     return res
 
 
@@ -238,7 +285,7 @@ def run_partition(
 
 def run_stage(
     stage: Stage,
-    out_dir: str | Path,
+    out_dir: AnyPath,
     *,
     engine: str = "local",
     max_rows: int = DEFAULT_MAX_ROWS,
@@ -247,15 +294,16 @@ def run_stage(
     beam_options: list[str] | None = None,
     progress: bool = True,
 ) -> RunSummary:
-    """Run every unfinished partition of ``stage`` into ``out_dir`` and write the manifest."""
+    """Run every unfinished partition of ``stage`` into ``out_dir`` (a path or URL) and write the manifest."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose one of {ENGINES}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = fs.as_path(out_dir)
+    fs.makedirs(out)
     parts = stage.partitions()
     ids = [p.id for p in parts]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{stage.name}: partition ids are not unique")
+    collect_garbage(out)
     start = time.perf_counter()
     kwargs = {"max_rows": max_rows, "max_bytes": max_bytes}
     if engine == "local":
@@ -269,13 +317,22 @@ def run_stage(
 
         results = run_on_beam(stage, parts, out, kwargs, beam_options or [])
     summary = RunSummary(stage.name, out, sorted(results, key=lambda r: r.partition), time.perf_counter() - start)
-    write_manifest(stage, out, summary)
+    manifest = write_manifest(stage, out, summary, expected=ids)
+    summary.missing = [p for p in manifest["missing_partitions"] if p not in {c.partition for c in summary.crashed}]
+    if summary.missing:
+        log.error(
+            "%s: %d partition(s) finished without a completion marker visible to the driver: %s; %s",
+            stage.name,
+            len(summary.missing),
+            _preview(summary.missing),
+            NO_SHARED_FS_HINT,
+        )
     log.debug("%s", summary.format())  # the CLI prints it; library callers get the summary object
     return summary
 
 
 def _run_local(
-    stage: Stage, parts: list[Partition], out: Path, kwargs: dict[str, Any], progress: bool
+    stage: Stage, parts: list[Partition], out: AnyPath, kwargs: dict[str, Any], progress: bool
 ) -> list[PartitionResult]:
     from tqdm.auto import tqdm
 
@@ -292,18 +349,35 @@ def _run_local(
     return results
 
 
-def write_manifest(stage: Stage, out: Path, summary: RunSummary) -> dict[str, Any]:
-    """Rebuild ``manifest.json`` from the partition markers (engine-independent)."""
+def write_manifest(
+    stage: Stage, out: AnyPath, summary: RunSummary, expected: Iterable[str] | None = None
+) -> dict[str, Any]:
+    """Rebuild ``manifest.json`` from the partition markers the driver can read (engine-independent).
+
+    ``complete`` is true only when every expected partition has a marker whose
+    listed shards all exist and none crashed; ``missing_partitions`` names the rest.
+    """
+    out = fs.as_path(out)
+    want = sorted(expected) if expected is not None else sorted(p.partition for p in summary.partitions)
+    markers = [p for p in fs.glob(fs.join(out, DONE_DIR), "*.json") if not p.name.startswith(".")]
+    present = set(stored_shards(out))
     parts: dict[str, Any] = {}
-    for marker in sorted((out / DONE_DIR).glob("*.json")):
-        m = json.loads(marker.read_text())
+    broken: list[str] = []
+    for marker, data in zip(markers, fs.cat_many(markers), strict=True):
+        if data is None:
+            continue
+        m = json.loads(data)
         parts[marker.stem] = {k: m[k] for k in ("written", "dropped", "failed", "shards")}
+        if any(n not in present for n in m["shards"]):
+            broken.append(marker.stem)
+    missing = sorted(set(want) - (set(parts) - set(broken)))
     manifest = {
         "stage": stage.name,
         "schema_version": SCHEMA_VERSION,
         "fingerprint": stage.fingerprint(),
         "config": stage.config_dict(),
-        "complete": summary.ok and len(parts) == len(summary.partitions),
+        "complete": not summary.crashed and not missing,
+        "missing_partitions": missing,
         "totals": {
             "seen": summary.seen,
             "written": summary.written,
@@ -315,17 +389,65 @@ def write_manifest(stage: Stage, out: Path, summary: RunSummary) -> dict[str, An
         "partitions": parts,
         "written_by_pid": os.getpid(),
     }
-    atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True, default=str).encode())
+    if broken:
+        log.error("%s: marker(s) of %s list shards that do not exist", out, _preview(broken))
+    atomic_write_bytes(fs.join(out, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True, default=str).encode())
     return manifest
 
 
-def results_from_markers(out: Path, ids: Iterable[str]) -> list[PartitionResult]:
+def check_complete(stage_dir: AnyPath, *, allow_incomplete: bool = False, what: str = "input") -> dict[str, Any]:
+    """Refuse a stage directory whose manifest is missing or incomplete (unless ``allow_incomplete``).
+
+    Returns the manifest (``{}`` when absent and allowed). The error names the
+    missing partitions and the likely cause.
+    """
+    path = fs.join(stage_dir, MANIFEST)
+    try:
+        manifest = json.loads(fs.read_bytes(path))
+    except FileNotFoundError:
+        if not fs.is_dir(fs.join(stage_dir, DONE_DIR)):
+            # Not written by this runner (shards made by hand or another tool): nothing to check against.
+            log.warning("%s %s has no %s and no %s/: completeness cannot be checked", what, stage_dir, MANIFEST, DONE_DIR)
+            return {}
+        msg = (
+            f"{what} {stage_dir} has no {MANIFEST} although partitions were committed: "
+            "the stage that makes it was interrupted"
+        )
+        if not allow_incomplete:
+            raise IncompleteInputError(msg + "; rerun it, or pass --allow-incomplete to use what is there") from None
+        log.warning("%s (--allow-incomplete: using what is there)", msg)
+        return {}
+    if manifest.get("complete", False):
+        return manifest
+    missing = list(manifest.get("missing_partitions", []))
+    crashed = list(manifest.get("totals", {}).get("crashed_partitions", []))
+    msg = (
+        f"{what} {stage_dir} is incomplete ({manifest.get('stage')} stage): "
+        f"{len(missing)} partition(s) missing: {_preview(missing)}"
+        + (f"; crashed: {_preview(crashed)}" if crashed else "")
+        + (f"; {NO_SHARED_FS_HINT}" if set(missing) - set(crashed) else "")
+    )
+    if not allow_incomplete:
+        raise IncompleteInputError(
+            msg + ". Rerun that stage (finished partitions are kept), or pass --allow-incomplete"
+        )
+    log.warning("%s (--allow-incomplete: continuing with partial input)", msg)
+    return manifest
+
+
+def results_from_markers(out: AnyPath, ids: Iterable[str]) -> list[PartitionResult]:
     """Partition results read back from markers (engines whose workers cannot return values)."""
     results = []
     for pid in ids:
         m = read_marker(out, pid)
         if m is None:
-            results.append(PartitionResult(partition=pid, error="no completion marker (see worker logs)"))
+            results.append(
+                PartitionResult(
+                    partition=pid,
+                    error="no completion marker visible to the launcher: the worker crashed (see its logs) "
+                    "or wrote where the launcher cannot read (no shared file system)",
+                )
+            )
         else:
             results.append(
                 PartitionResult(

@@ -1,40 +1,46 @@
-"""Parquet shards: bounded size, atomic writes (temp name then rename), deterministic names."""
+"""Parquet shards: bounded size, atomic writes, names unique per attempt; readers trust markers.
+
+A partition's shards are ``shards/<partition>-<k:05d>.parquet`` on a local
+disk (temp name + atomic rename) and ``shards/<attempt>/<partition>-<k:05d>.parquet``
+on object stores, where nothing can be renamed atomically: ``attempt`` is
+random per run of a partition, so two attempts (a retry, a worker of a killed
+driver still running) never write the same object, while file *names* (and so
+downstream partition ids, which are shard stems) stay deterministic. Which
+objects count is decided by the partition's marker (``_done/<partition>.json``,
+written last, listing the shards relative to ``shards/``): :func:`list_shards`
+returns only what markers list.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import logging
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from pipelines.io import fs
+from pipelines.io.fs import AnyPath
+
+log = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
+DONE_DIR = "_done"  # one completion marker per partition: the commit record
 DEFAULT_MAX_ROWS = 512
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # rough bound on one shard's row payload
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a unique temp file and an atomic rename (fsynced)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def atomic_write_bytes(path: AnyPath, data: bytes) -> None:
+    """Write ``data`` whole (temp + fsync + rename locally, one PUT on object stores)."""
+    fs.write_bytes(path, data)
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
+def write_table_atomic(table: pa.Table, path: AnyPath) -> None:
     """Write one Parquet file atomically (readers never see a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fs.write_parquet(table, path)
 
 
 def _row_nbytes(row: Mapping[str, Any]) -> int:
@@ -57,18 +63,31 @@ def _row_nbytes(row: Mapping[str, Any]) -> int:
     return total
 
 
+def new_attempt_id() -> str:
+    """A short random id that makes one attempt's object names unique."""
+    return uuid.uuid4().hex[:12]
+
+
+def shard_name(prefix: str, k: int, attempt: str | None) -> str:
+    """The shard's path relative to ``shards/`` (what markers list)."""
+    name = f"{prefix}-{k:05d}.parquet"
+    return f"{attempt}/{name}" if attempt else name
+
+
 class ShardWriter:
-    """Buffers rows of one partition and writes ``<prefix>-<k:05d>.parquet`` shards of bounded size."""
+    """Buffers rows of one partition and writes ``[<attempt>/]<prefix>-<k:05d>.parquet`` shards of bounded size."""
 
     def __init__(
         self,
-        directory: Path,
+        directory: AnyPath,
         prefix: str,
         schema: pa.Schema,
         max_rows: int = DEFAULT_MAX_ROWS,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        attempt: str | None = None,
     ) -> None:
-        self.directory = Path(directory)
+        self.directory = fs.as_path(directory)
+        self.attempt = attempt
         self.prefix = prefix
         self.schema = schema
         self.max_rows = max_rows
@@ -87,40 +106,85 @@ class ShardWriter:
         if not self._rows:
             return
         table = pa.Table.from_pylist(self._rows, schema=self.schema)
-        name = f"{self.prefix}-{len(self.written):05d}.parquet"
+        name = shard_name(self.prefix, len(self.written), self.attempt)
         write_table_atomic(table, self.directory / name)
         self.written.append(name)
         self._rows = []
         self._bytes = 0
 
 
-def list_shards(stage_dir: str | Path) -> list[Path]:
-    """The Parquet shards of a stage's output directory, sorted by name (the canonical row order)."""
-    d = Path(stage_dir) / SHARD_DIR
-    if not d.is_dir():
+def committed_shards(stage_dir: AnyPath) -> dict[str, list[str]] | None:
+    """``{partition: [shard names]}`` from the markers of ``stage_dir``; ``None`` without a ``_done/``."""
+    done = fs.join(stage_dir, DONE_DIR)
+    markers = [p for p in fs.glob(done, "*.json") if not p.name.startswith(".")]
+    if not markers and not done.is_dir():
+        return None
+    out: dict[str, list[str]] = {}
+    for path, data in zip(markers, fs.cat_many(markers), strict=True):
+        if data is None:  # deleted between listing and reading
+            continue
+        out[path.stem] = list(json.loads(data).get("shards", []))
+    return out
+
+
+def list_shards(stage_dir: AnyPath) -> list[Path]:
+    """The committed Parquet shards of a stage's output directory, sorted by name (canonical order).
+
+    Only objects that a partition marker lists count (leftovers of crashed or
+    concurrent attempts are ignored). A directory written without markers
+    (by hand, or by an older version) falls back to every ``*.parquet``.
+    """
+    d = fs.join(stage_dir, SHARD_DIR)
+    committed = committed_shards(stage_dir)
+    if committed is None:
+        return [p for p in fs.glob(d, "*.parquet") if not p.name.startswith(".")]
+    # canonical order: by file name (the attempt prefix of object-store keys does not count)
+    names = sorted((n for shards in committed.values() for n in shards), key=lambda n: (n.rsplit("/", 1)[-1], n))
+    return [d / n for n in names]
+
+
+def stored_shards(stage_dir: AnyPath) -> list[str]:
+    """Every object under ``shards/`` (recursively), relative to it; ``[]`` when absent."""
+    d = fs.join(stage_dir, SHARD_DIR)
+    if not fs.is_dir(d):
         return []
-    return sorted(p for p in d.glob("*.parquet") if not p.name.startswith("."))
+    fsys, inner = fs.url_to_fs(d)
+    inner = inner.rstrip("/")
+    return sorted(p[len(inner) + 1 :] for p in fsys.find(inner) if p.startswith(inner + "/"))
 
 
-def read_table(stage_dir: str | Path, columns: Sequence[str] | None = None) -> pa.Table:
+def uncommitted_shards(stage_dir: AnyPath) -> list[Path]:
+    """Objects under ``shards/`` that no marker lists (garbage of unfinished attempts)."""
+    committed = committed_shards(stage_dir) or {}
+    keep = {n for shards in committed.values() for n in shards}
+    d = fs.join(stage_dir, SHARD_DIR)
+    return [d / n for n in stored_shards(stage_dir) if n not in keep]
+
+
+def read_parquet(path: AnyPath, columns: Sequence[str] | None = None) -> pa.Table:
+    """One shard (or some of its columns), local or remote."""
+    return fs.read_parquet(path, columns)
+
+
+def read_table(stage_dir: AnyPath, columns: Sequence[str] | None = None) -> pa.Table:
     """All shards of a stage as one table (use :func:`iter_batches` for large data)."""
     shards = list_shards(stage_dir)
     if not shards:
-        raise FileNotFoundError(f"no shards under {Path(stage_dir) / SHARD_DIR}")
-    tables = [pq.read_table(p, columns=list(columns) if columns else None) for p in shards]
+        raise FileNotFoundError(f"no shards under {fs.join(stage_dir, SHARD_DIR)}")
+    tables = [fs.read_parquet(p, columns) for p in shards]
     return pa.concat_tables(tables, promote_options="default")
 
 
 def iter_batches(
-    stage_dir: str | Path, columns: Sequence[str] | None = None, batch_size: int = 256
+    stage_dir: AnyPath, columns: Sequence[str] | None = None, batch_size: int = 256
 ) -> Iterator[pa.RecordBatch]:
     """Stream record batches of every shard, in canonical order, reading only ``columns``."""
     for p in list_shards(stage_dir):
-        pf = pq.ParquetFile(p)
+        pf = fs.parquet_file(p)
         yield from pf.iter_batches(batch_size=batch_size, columns=list(columns) if columns else None)
 
 
-def iter_rows(stage_dir: str | Path, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+def iter_rows(stage_dir: AnyPath, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
     """Stream rows (dicts) of every shard, in canonical order."""
     for batch in iter_batches(stage_dir, columns):
         yield from batch.to_pylist()

@@ -107,8 +107,10 @@ def safe_loads(data: bytes, source: str = "<bytes>") -> Any:
 
 def safe_load(path: str | Path) -> Any:
     """Unpickle the file at ``path`` with :class:`SafeUnpickler`; errors name the file."""
-    path = Path(path)
-    with open(path, "rb") as fh:
+    from pipelines.io.fs import as_path  # local path or s3:// / gs:// URL
+
+    path = as_path(path)
+    with path.open("rb") as fh:
         try:
             return SafeUnpickler(fh, str(path)).load()
         except pickle.UnpicklingError as exc:

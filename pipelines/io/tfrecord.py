@@ -23,6 +23,8 @@ from typing import BinaryIO
 
 import google_crc32c
 
+from pipelines.io.fs import open_file
+
 log = logging.getLogger(__name__)
 
 _MASK_DELTA = 0xA282EAD8
@@ -104,7 +106,7 @@ def iter_records(path: str | Path, verify: bool = True) -> Iterator[tuple[int, b
     Raises :class:`TFRecordError` (file, offset, cause) on truncation or, with
     ``verify``, on a CRC mismatch of the length or the data.
     """
-    with open(path, "rb") as f:
+    with open_file(path, "rb") as f:
         offset = 0
         while True:
             data = _read_one(f, path, offset, verify)
@@ -116,7 +118,7 @@ def iter_records(path: str | Path, verify: bool = True) -> Iterator[tuple[int, b
 
 def read_record_at(path: str | Path, offset: int, verify: bool = True) -> bytes:
     """Read the single record starting at ``offset`` (as yielded by :func:`iter_records`)."""
-    with open(path, "rb") as f:
+    with open_file(path, "rb") as f:
         f.seek(offset)
         data = _read_one(f, path, offset, verify)
     if data is None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.core.stage import Drop, Fail, Note
+from pipelines.io.fs import as_path, open_file
 from pipelines.io.images import ImageConfig, ImageError, StoredImage, resize_jpeg, scale_intrinsics
 from pipelines.meta_actions import MetaActionConfig, future_meta_action, history_meta_action
 from schemas.enums import Camera, Dataset, Split
@@ -95,7 +96,8 @@ class ExtractConfig:
 
     @property
     def input_path(self) -> Path:
-        return Path(self.input or f"data/sample/{self.dataset}")
+        """The input root: a local ``Path``, or a ``UPath`` for ``s3://`` / ``gs://`` (scheme kept)."""
+        return as_path(self.input or f"data/sample/{self.dataset}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,7 +222,7 @@ class ImageCache:
 def read_image_file(path: str, rel: str) -> bytes:
     """The bytes of an image file; a missing/unreadable one raises ``ImageError`` naming ``rel``."""
     try:
-        with open(path, "rb") as fh:
+        with open_file(path, "rb") as fh:  # local path or object-store URL
             return fh.read()
     except OSError as exc:
         raise ImageError(f"{rel}: cannot read camera image ({exc.strerror or exc})") from None

@@ -53,6 +53,7 @@ from pipelines.geometry import (
     transform_matrix,
     wrap_angle,
 )
+from pipelines.io.fs import is_url
 from pipelines.io.images import ImageError
 from pipelines.sources.base import (
     EXTRACTOR_VERSION,
@@ -227,6 +228,12 @@ class NuScenesSource(Source):
         missing = [c for c in cfg.cameras if c not in CHANNELS]
         if missing:
             raise SourceError(f"{DATASET}: no camera {missing} (nuScenes has {sorted(CHANNELS)})")
+        if is_url(self.root):  # nuscenes-devkit opens its tables and images from a local dataroot
+            raise SourceError(
+                f"{DATASET}: input {self.root} is an object-store URL, but nuscenes-devkit reads a local "
+                "dataroot; copy the dataset to local disk or mount the bucket (e.g. gcsfuse, mountpoint-s3) "
+                "and pass that path as --input (outputs may still be s3:// or gs://)"
+            )
         check_dataroot(self.root, self.options.version)
         if self.options.drivelm_path and not Path(self.options.drivelm_path).is_file():
             raise SourceError(

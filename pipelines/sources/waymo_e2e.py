@@ -192,7 +192,7 @@ def index_file(path: Path) -> FileIndex:
     """Index one TFRecord file reading headers and name prefixes only (length CRC checked)."""
     size = path.stat().st_size
     out = FileIndex(path, [])
-    with open(path, "rb") as fh:
+    with path.open("rb") as fh:  # Path or UPath (gs://, s3://)
         offset = 0
         while offset < size:
             header = fh.read(HEADER_SIZE)

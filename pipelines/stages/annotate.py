@@ -28,16 +28,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from annotators.client import VLMClient
 from annotators.config import AnnotateConfig
 from annotators.runner import PartitionAnnotator
 from annotators.schema import annotation_schema
 from annotators.selection import SELECTION_COLUMNS, Cutoff, fit_cutoff, score_complexity
 from pipelines.config import to_dict
-from pipelines.core.shards import list_shards
+from pipelines.core.shards import list_shards, read_parquet
 from pipelines.core.stage import Drop, Outcome, Partition, Stage
+from pipelines.io.fs import as_path, parquet_file
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "_cache"
@@ -49,9 +48,9 @@ def fit_stage_cutoff(in_dir: Path, cfg: AnnotateConfig) -> Cutoff:
         return fit_cutoff((), cfg.selection)
     scored = []
     for shard in list_shards(in_dir):
-        names = set(pq.read_schema(shard).names)
+        names = set(parquet_file(shard).schema_arrow.names)
         cols = [c for c in (*SELECTION_COLUMNS, cfg.selection.scenario_column) if c in names]
-        for row in pq.read_table(shard, columns=cols).to_pylist():
+        for row in read_parquet(shard, columns=cols).to_pylist():
             scored.append((row["sample_id"], score_complexity(row, cfg.selection).score))
     return fit_cutoff(scored, cfg.selection)
 
@@ -69,7 +68,7 @@ class AnnotateStage(Stage):
         progress: bool = True,
         limit: int | None = None,
     ) -> None:
-        self.in_dir = Path(in_dir)
+        self.in_dir = as_path(in_dir)  # local path or s3:// / gs:// URL
         self.cfg = cfg
         self.limit = (
             limit  # only the first `limit` rows (shard order); the rest are dropped "beyond_limit"
@@ -79,8 +78,8 @@ class AnnotateStage(Stage):
             raise FileNotFoundError(
                 f"no shards under {self.in_dir / 'shards'} to annotate; run `drivevla extract` first"
             )
-        self.output_schema = annotation_schema(pq.read_schema(shards[0]))
-        self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir else Path(out_dir) / CACHE_DIR
+        self.output_schema = annotation_schema(parquet_file(shards[0]).schema_arrow)
+        self.cache_root = as_path(cfg.cache_dir) if cfg.cache_dir else as_path(out_dir) / CACHE_DIR
         self.cutoff = fit_stage_cutoff(self.in_dir, cfg)
         self.progress = progress
         self.totals: Counter[str] = Counter()  # local engine only (workers elsewhere log their own)
@@ -110,7 +109,7 @@ class AnnotateStage(Stage):
         parts = []
         left = self.limit
         for p in list_shards(self.in_dir):
-            n = pq.ParquetFile(p).metadata.num_rows
+            n = parquet_file(p).metadata.num_rows
             take = n if left is None else max(0, min(n, left))
             if left is not None:
                 left -= take
@@ -148,8 +147,8 @@ class AnnotateStage(Stage):
         self._loop = self._client = None
 
     def process(self, partition: Partition) -> Iterator[Outcome]:
-        shard = Path(partition.payload["shard"])
-        rows = pq.read_table(shard).to_pylist()
+        shard = as_path(partition.payload["shard"])
+        rows = read_parquet(shard).to_pylist()
         take = int(partition.payload.get("take", len(rows)))
         for row in rows[take:]:
             yield Drop(row["sample_id"], "beyond_limit", str(shard))

@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from annotators.filters import reason_key
 from annotators.schema import ANNOTATION_FIELDS
 from annotators.training_prompt import PROMPT_VERSION, PromptError, render_messages
-from pipelines.core.shards import list_shards
+from pipelines.core.shards import list_shards, read_parquet
 from pipelines.core.stage import Drop, Fail, Outcome, Partition, Stage
+from pipelines.io.fs import as_path, parquet_file
 from schemas.enums import ThinkMode
 from schemas.sample import (
     ACTION_TOKENS_FIELD,
@@ -161,7 +161,7 @@ def validation_scenes(dataset: str, scenes: Sequence[str], cfg: BuildConfig) -> 
 
 def read_num_action_tokens(codebook_dir: str | Path) -> int:
     """K of the codebook the tokens were made with (``codebook.json``)."""
-    meta = Path(codebook_dir) / "codebook.json"
+    meta = as_path(codebook_dir) / "codebook.json"
     if not meta.is_file():
         raise FileNotFoundError(f"codebook metadata {meta} not found: run `drivevla codebook` first")
     return int(json.loads(meta.read_text())["k"])
@@ -207,7 +207,7 @@ class BuildStage(Stage):
                 raise FileNotFoundError(f"no annotated shards under {inp.annotate_dir} for {inp.dataset}")
             if not list_shards(inp.filter_dir):
                 raise FileNotFoundError(f"no filter output under {inp.filter_dir}; run `drivevla build` (filter step)")
-            scenes = pa.concat_tables([pq.read_table(p, columns=["scene_id"]) for p in shards])
+            scenes = pa.concat_tables([read_parquet(p, columns=["scene_id"]) for p in shards])
             val = sorted(validation_scenes(inp.dataset, scenes.column("scene_id").to_pylist(), self.cfg))
             for k, shard in enumerate(shards):
                 for split in SPLITS:
@@ -223,11 +223,11 @@ class BuildStage(Stage):
 
     def process(self, partition: Partition) -> Iterator[Outcome]:
         pl = partition.payload
-        shard = Path(pl["shard"])
+        shard = as_path(pl["shard"])
         val = set(pl["validation_scenes"])
         want_val = pl["split"] == "validation"
-        verdicts = _load_verdicts(Path(pl["filter_dir"]), shard.stem)
-        pf = pq.ParquetFile(shard)
+        verdicts = _load_verdicts(as_path(pl["filter_dir"]), shard.stem)
+        pf = parquet_file(shard)
         present = [c for c in pf.schema_arrow.names if c in BUILD_COLUMNS]
         for batch in pf.iter_batches(batch_size=64, columns=present):
             for row in batch.to_pylist():
@@ -265,7 +265,7 @@ class BuildStage(Stage):
 
 
 def _fingerprint_of(stage_dir: str | Path) -> str | None:
-    p = Path(stage_dir) / "manifest.json"
+    p = as_path(stage_dir) / "manifest.json"
     return json.loads(p.read_text()).get("fingerprint") if p.is_file() else None
 
 
@@ -275,14 +275,14 @@ def _load_verdicts(filter_dir: Path, stem: str) -> dict[str, dict[str, Any]]:
     files = [p for p in list_shards(filter_dir) if pattern.fullmatch(p.name)]
     out: dict[str, dict[str, Any]] = {}
     for p in files:
-        for r in pq.read_table(p, columns=["sample_id", "filter_passed", "filter_reasons"]).to_pylist():
+        for r in read_parquet(p, columns=["sample_id", "filter_passed", "filter_reasons"]).to_pylist():
             out[r["sample_id"]] = r
     return out
 
 
 def shard_split_and_dataset(path: str | Path) -> tuple[str, str]:
     """``(split, dataset)`` from a build shard name ``{split}-{dataset}-{k}-{j}.parquet``."""
-    parts = Path(path).stem.split("-")
+    parts = as_path(path).stem.split("-")
     if len(parts) < 4 or parts[0] not in SPLITS:
         raise ValueError(f"{path} is not a build shard name '{{split}}-{{dataset}}-{{k}}-{{j}}.parquet'")
     return parts[0], "-".join(parts[1:-2])

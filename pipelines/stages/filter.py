@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from annotators.filters import (
     Deduplicator,
@@ -36,8 +35,9 @@ from annotators.filters import (
     reasoning_text,
 )
 from annotators.judge import JudgeConfig
-from pipelines.core.shards import atomic_write_bytes, iter_rows, list_shards
+from pipelines.core.shards import atomic_write_bytes, iter_rows, list_shards, read_parquet
 from pipelines.core.stage import Outcome, Partition, Stage
+from pipelines.io.fs import as_path, parquet_file
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,12 @@ class FilterStageConfig:
 
 
 def _columns_of(path: Path) -> list[str]:
-    names = pq.read_schema(path).names
+    names = parquet_file(path).schema_arrow.names
     return [c for c in READ_COLUMNS if c in names]
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return pq.read_table(path, columns=_columns_of(path)).to_pylist()
+    return read_parquet(path, columns=_columns_of(path)).to_pylist()
 
 
 def row_reasons(row: dict[str, Any], filters: RowFilters) -> list[str]:
@@ -110,7 +110,7 @@ class FilterStage(Stage):
     output_schema = FILTER_SCHEMA
 
     def __init__(self, annotate_dir: str | Path, cfg: FilterStageConfig, few_shot: list[str] | None = None) -> None:
-        self.annotate_dir = Path(annotate_dir)
+        self.annotate_dir = as_path(annotate_dir)  # local path or s3:// / gs:// URL
         self.cfg = cfg
         self.few_shot = few_shot  # None: the annotator's own few-shot texts
         self._judge: Any = None
@@ -169,7 +169,7 @@ class FilterStage(Stage):
     def process(self, partition: Partition) -> Iterator[Outcome]:
         filters = self._filters()
         dups: dict[str, str] = dict(partition.payload["duplicates"])
-        rows = _read_rows(Path(partition.payload["shard"]))
+        rows = _read_rows(as_path(partition.payload["shard"]))
         reasons: dict[str, list[str]] = {}
         for row in rows:
             if needs_filter(row):
@@ -235,5 +235,5 @@ def filter_stats(filter_dir: str | Path) -> dict[str, Any]:
 def write_filter_stats(filter_dir: str | Path) -> dict[str, Any]:
     """Compute :func:`filter_stats` and store it as ``filter_stats.json`` next to the manifest."""
     stats = filter_stats(filter_dir)
-    atomic_write_bytes(Path(filter_dir) / FILTER_STATS, json.dumps(stats, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(as_path(filter_dir) / FILTER_STATS, json.dumps(stats, indent=1, sort_keys=True).encode())
     return stats

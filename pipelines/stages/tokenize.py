@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipelines.core.shards import list_shards
+from pipelines.core.shards import list_shards, read_parquet
 from pipelines.core.stage import Drop, Fail, Outcome, Partition, Stage
+from pipelines.io.fs import as_path, parquet_file
 from schemas.sample import ACTION_TOKENS_FIELD, FUTURE_STEPS, schema_with
 from tokenizer.codebook import codebook_paths, load_codebook
 from tokenizer.tokenizer import ActionTokenizer
@@ -49,14 +49,14 @@ class TokenizeStage(Stage):
     name = "tokenize"
 
     def __init__(self, in_dir: str | Path, codebook: str | Path) -> None:
-        self.in_dir = Path(in_dir)
-        self.codebook_path = Path(codebook)
+        self.in_dir = as_path(in_dir)  # local path or s3:// / gs:// URL
+        self.codebook_path = as_path(codebook)
         shards = list_shards(self.in_dir)
         if not shards:
             raise FileNotFoundError(
                 f"no shards under {self.in_dir / 'shards'} to tokenize; run `drivevla extract` first"
             )
-        base = pq.read_schema(shards[0])
+        base = parquet_file(shards[0]).schema_arrow
         self.output_schema = schema_with(ACTION_TOKENS_FIELD, base=base)
         st_path, _ = codebook_paths(self.codebook_path)
         # a changed codebook must not mix with tokens of the old one in one output
@@ -83,7 +83,7 @@ class TokenizeStage(Stage):
             self.setup()
         assert self._tokenizer is not None
         path = partition.payload["shard"]
-        table = pq.read_table(path)
+        table = read_parquet(path)
         tokens, bad = encode_column(self._tokenizer, table.column("future"))
         rows = table.to_pylist()
         for i, row in enumerate(rows):
