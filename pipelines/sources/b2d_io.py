@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from pipelines.io.images import ImageError
 
@@ -133,7 +134,13 @@ class ClipFiles:
             if i not in self._annos:
                 raise FileNotFoundError(f"{self.anno_path(i)}: not in the archive")
             return self._annos[i]
-        return self.fs.cat_file(f"{self.base}/anno/{i:05d}.json.gz")
+        return self._read(f"{self.base}/anno/{i:05d}.json.gz")
+
+    def _read(self, path: str) -> bytes:
+        if isinstance(self.fs, LocalFileSystem):  # same bytes without fsspec's per-call path handling
+            with open(path, "rb") as fh:
+                return fh.read()
+        return self.fs.cat_file(path)
 
     def image(self, image_dir: str, i: int) -> bytes:
         where = self.image_path(image_dir, i)
@@ -143,7 +150,7 @@ class ClipFiles:
                 raise ImageError(f"{where}: cannot read camera image (not in the archive)")
             return data
         try:
-            return self.fs.cat_file(f"{self.base}/camera/{image_dir}/{i:05d}.jpg")
+            return self._read(f"{self.base}/camera/{image_dir}/{i:05d}.jpg")
         except (OSError, ValueError) as exc:
             raise ImageError(f"{where}: cannot read camera image ({getattr(exc, 'strerror', None) or exc})") from None
 

@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
+import orjson
 
 from pipelines.config import ConfigError, from_dict
 from pipelines.core.stage import Fail
@@ -92,6 +93,7 @@ ROAD_OPTIONS: Final[dict[int, str]] = {
 }  # fmt: skip
 TRAFFIC_LIGHT_STATES: Final[dict[int, str]] = {0: "red", 1: "yellow", 2: "green", 3: "off", 4: "unknown"}
 FLIP: Final = np.diag([1.0, -1.0, 1.0, 1.0])  # left-handed <-> right-handed (y flips); its own inverse
+FLIP_SIGNS: Final = np.outer([1.0, -1.0, 1.0], [1.0, -1.0, 1.0])  # F R F of a 3x3 R, elementwise
 # OpenCV camera axes (x right, y down, z forward) -> Unreal camera axes (x forward, y right, z up)
 CV_TO_UE: Final = np.array([[0.0, 0, 1, 0], [1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
 GRAVITY: Final = 9.81
@@ -240,6 +242,17 @@ class Frame:
     command: int | None
     sensors: dict[str, Any]
     boxes: list[dict[str, Any]]
+    _centres: dict[str, np.ndarray] | None = None
+
+    def centre(self, actor: str) -> np.ndarray | None:
+        """The right-handed world (x, y) of actor ``actor``'s box centre in this frame."""
+        if self._centres is None:
+            self._centres = {
+                str(b.get("id")): np.array([b["center"][0], -b["center"][1]], np.float64)
+                for b in self.boxes
+                if isinstance(b.get("center"), list) and len(b["center"]) >= 2
+            }
+        return self._centres.get(actor)
 
 
 class FrameError(ValueError):
@@ -253,10 +266,12 @@ class FrameError(ValueError):
 def parse_frame(index: int, data: bytes, where: str) -> Frame:
     """Decode one ``anno/NNNNN.json.gz``; raise :class:`FrameError` naming ``where`` and the cause."""
     try:
-        anno = json.loads(gzip.decompress(data))
+        text = gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as exc:
         raise FrameError("CorruptAnnotation", f"{where}: not a valid gzip file ({exc})") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    try:
+        anno = orjson.loads(text)  # the same values as json.loads, several times faster
+    except orjson.JSONDecodeError as exc:
         raise FrameError("CorruptAnnotation", f"{where}: not valid JSON ({exc})") from None
     if not isinstance(anno, dict):
         raise FrameError("CorruptAnnotation", f"{where}: expected a JSON object")
@@ -269,8 +284,11 @@ def parse_frame(index: int, data: bytes, where: str) -> Frame:
     if not np.isfinite(w2e_left).all():
         raise FrameError("MissingEgoPose", f"{where}: the ego's world2ego is not finite")
     w2e = FLIP @ w2e_left @ FLIP
-    e2w = np.linalg.inv(w2e)
-    pose = np.array([e2w[0, 3], e2w[1, 3], float(np.arctan2(e2w[1, 0], e2w[0, 0]))])
+    # Rigid inverse in closed form: ego -> world rotation R^T, position -R^T t (np.linalg.inv costs
+    # ~10x more per 4x4 and is the largest non-image cost per sample).
+    rot_t = w2e[:3, :3].T
+    position = -rot_t @ w2e[:3, 3]
+    pose = np.array([position[0], position[1], float(np.arctan2(rot_t[1, 0], rot_t[0, 0]))])
     speed = anno.get("speed")
     imu = anno.get("acceleration")
     cmd = anno.get("command_near")
@@ -382,8 +400,8 @@ def _box_yaw(b: dict[str, Any], w2e: np.ndarray, ego_heading: float) -> float:
     """Heading in the ego frame: from the actor matrix when there is one, else ``rotation`` yaw."""
     key = next((k for k in ACTOR_MATRIX_KEYS if k in b), None)
     if key is not None:
-        w2a = FLIP @ np.asarray(b[key], np.float64).reshape(4, 4) @ FLIP
-        rel = w2e[:3, :3] @ w2a[:3, :3].T  # actor -> ego rotation
+        w2a = np.asarray(b[key], np.float64).reshape(4, 4)[:3, :3] * FLIP_SIGNS  # right-handed
+        rel = w2e[:3, :3] @ w2a.T  # actor -> ego rotation
         return float(np.arctan2(rel[1, 0], rel[0, 0]))
     world_yaw = -np.radians(float(b["rotation"][2]))  # (pitch, roll, yaw) deg, clockwise -> CCW
     return float(world_yaw - ego_heading)
@@ -393,8 +411,8 @@ def _differenced_velocity(
     actor: str, neighbours: list[tuple[Frame, int]], cur: Frame, dt: float
 ) -> np.ndarray | None:
     """World velocity (right-handed) of an actor from its centre in the neighbour frames."""
-    here = _centre(actor, cur)
-    pts = {sign: _centre(actor, f) for f, sign in neighbours}
+    here = cur.centre(actor)
+    pts = {sign: f.centre(actor) for f, sign in neighbours}
     pts = {s: p for s, p in pts.items() if p is not None}
     if here is None or not pts:
         return None
@@ -402,14 +420,6 @@ def _differenced_velocity(
         return (pts[1] - pts[-1]) / (2 * dt)
     sign, p = next(iter(pts.items()))
     return (p - here) / dt * sign
-
-
-def _centre(actor: str, frame: Frame) -> np.ndarray | None:
-    for b in frame.boxes:
-        if str(b.get("id")) == actor and b.get("center") is not None:
-            c = np.asarray(b["center"], np.float64)
-            return np.array([c[0], -c[1]])
-    return None
 
 
 __all__ = ["Bench2DriveSource", "Frame", "FrameError", "camera_extrinsics", "parse_frame"]
