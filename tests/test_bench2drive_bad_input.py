@@ -94,3 +94,21 @@ def test_bad_paths_and_options_fail_before_any_work(tmp_path):
         cls(extract_config("bench2drive", tmp_path, ("options.frame_rate_hz=7",)))
     with pytest.raises(SourceError, match="side_left"):
         cls(extract_config("bench2drive", tmp_path, ("cameras=[front,side_left]",)))
+
+
+def test_split_file_assigns_clips_and_rejects_unknown_splits(sample_data, tmp_path):
+    from _extract_util import extract_config
+
+    root = shutil.copytree(sample_data.bench2drive, tmp_path / "b2d")
+    split_file = root / "bench2drive_base_train_val_split.json"
+    split_file.write_text(json.dumps({"train": [], "val": ["v1/ParkedObstacle_Town05_Route107_Weather3"]}))
+    units = get_source_class("bench2drive")(extract_config("bench2drive", root)).work_units()
+    assert {u.payload["clip"]: u.split for u in units} == {
+        "NonSignalizedJunctionLeftTurn_Town03_Route100_Weather0": "train",  # not listed: default_split
+        "ParkedObstacle_Town05_Route107_Weather3": "val",
+    }
+    only_val = get_source_class("bench2drive")(extract_config("bench2drive", root, ("splits=[val]",)))
+    assert [u.split for u in only_val.work_units()] == ["val"]
+    split_file.write_text(json.dumps({"holdout": ["x"]}))
+    with pytest.raises(SourceError, match="holdout"):
+        get_source_class("bench2drive")(extract_config("bench2drive", root)).work_units()

@@ -164,26 +164,18 @@ class Bench2DriveSource(Source):
         missing = [c for c in cfg.cameras if c not in CAMERAS]
         if missing:
             raise SourceError(f"{DATASET}: camera(s) {missing} do not exist; Bench2Drive has {sorted(CAMERAS)}")
-        if cfg.clip.step % self.options.step and cfg.clip.step != 1:
-            log.info("%s: clip.step=%d frames is not a multiple of a 2 Hz step", DATASET, cfg.clip.step)
         fs, path = open_root(self.url)
         if not fs.exists(path):
             raise SourceError(
                 f"{self.name}: input {self.url!r} does not exist (pass --input PATH or URL, or run "
                 f"`drivevla generate --out data/sample` for the sample data)"
             )
-        self._fs: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"cfg": self.cfg, "url": self.url, "root": self.root, "options": self.options, "_fs": None}
-
-    def _filesystem(self) -> tuple[Any, str]:
-        fs, path = open_root(self.url)
-        self._fs = fs
-        return fs, path
+        return {"cfg": self.cfg, "url": self.url, "root": self.root, "options": self.options}
 
     def work_units(self) -> list[WorkUnit]:
-        fs, root = self._filesystem()
+        fs, root = open_root(self.url)
         clips = find_clips(fs, root)
         if not clips:
             log.warning("%s: no clip (a directory with anno/, or a .tar.gz archive) under %s", DATASET, self.url)
@@ -209,16 +201,20 @@ class Bench2DriveSource(Source):
             return {}
         try:
             data = json.loads(sfs.cat_file(path))
-            return {
-                sanitize_id_part(clip_name(str(c).rsplit("/", 1)[-1])): ("val" if key == "val" else key)
+            out = {
+                sanitize_id_part(clip_name(str(c).rsplit("/", 1)[-1])): key
                 for key, clips in data.items()
                 for c in clips
             }
         except (ValueError, AttributeError, TypeError) as exc:
             raise SourceError(f"{DATASET}: split file {name}: expected {{split: [clip, ...]}} ({exc})") from None
+        bad = sorted(set(out.values()) - set(Split.values()))
+        if bad:
+            raise SourceError(f"{DATASET}: split file {name}: splits {bad} are not in {list(Split.values())}")
+        return out
 
     def iter_unit(self, unit: WorkUnit) -> Iterator[Outcome]:
-        fs, root = self._filesystem() if self._fs is None else (self._fs, open_root(self.url)[1])
+        fs, root = open_root(self.url)  # fsspec caches filesystem instances: cheap per clip
         dirs = {image_dir(c) for c in self.cfg.cameras}
         try:
             files = ClipFiles.open(fs, root, unit.payload["kind"], unit.payload["rel"], dirs)
