@@ -55,6 +55,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import math
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -93,7 +94,6 @@ ROAD_OPTIONS: Final[dict[int, str]] = {
 }  # fmt: skip
 TRAFFIC_LIGHT_STATES: Final[dict[int, str]] = {0: "red", 1: "yellow", 2: "green", 3: "off", 4: "unknown"}
 FLIP: Final = np.diag([1.0, -1.0, 1.0, 1.0])  # left-handed <-> right-handed (y flips); its own inverse
-FLIP_SIGNS: Final = np.outer([1.0, -1.0, 1.0], [1.0, -1.0, 1.0])  # F R F of a 3x3 R, elementwise
 # OpenCV camera axes (x right, y down, z forward) -> Unreal camera axes (x forward, y right, z up)
 CV_TO_UE: Final = np.array([[0.0, 0, 1, 0], [1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 0, 1]])
 GRAVITY: Final = 9.81
@@ -332,20 +332,26 @@ def ego_kinematics(
 def to_ego_objects(
     cur: Frame, prev: Frame | None, nxt: Frame | None, dt: float, left_out: Counter[str]
 ) -> tuple[Object, ...]:
-    """The boxes of ``cur`` in its ego frame (right-handed), with velocities in the ego frame."""
-    w2e = cur.world2ego
+    """The boxes of ``cur`` in its ego frame (right-handed), with velocities in the ego frame.
+
+    Plain float arithmetic per box (a few dozen boxes per frame; numpy's per-call overhead on 3-vectors
+    would cost more than the arithmetic).
+    """
+    (e00, e01, e02, t0), (e10, e11, e12, t1) = cur.world2ego[:2].tolist()
     heading = float(cur.pose[2])
+    ch, sh = math.cos(heading), math.sin(heading)
     neighbours = [(f, sign) for f, sign in ((prev, -1), (nxt, 1)) if f is not None]
     out = []
     for b in cur.boxes:
         cls = b.get("class")
         try:
-            centre = np.array([*np.asarray(b["center"], np.float64)[:3], 1.0])
-            centre[1] = -centre[1]  # left-handed world -> right-handed
-            half = np.asarray(b["extent"], np.float64)[:3]
-            p = w2e @ centre
-            yaw = _box_yaw(b, w2e, heading)
-        except (KeyError, TypeError, ValueError):
+            cx, cy, cz = (float(v) for v in b["center"][:3])
+            cy = -cy  # left-handed world -> right-handed
+            hl, hw = float(b["extent"][0]), float(b["extent"][1])  # HALF sizes
+            x = e00 * cx + e01 * cy + e02 * cz + t0
+            y = e10 * cx + e11 * cy + e12 * cz + t1
+            yaw = _box_yaw(b, (e00, e01, e02, e10, e11, e12), heading)
+        except (KeyError, TypeError, ValueError, IndexError):
             left_out[f"{cls}_without_center_extent_or_rotation"] += 1
             continue
         state = None
@@ -356,35 +362,35 @@ def to_ego_objects(
             if not isinstance(speed, (int, float)):
                 left_out["vehicle_without_speed"] += 1
                 continue
-            vel = float(speed) * np.array([np.cos(yaw), np.sin(yaw)])  # forward speed along its heading
+            vx, vy = speed * math.cos(yaw), speed * math.sin(yaw)  # forward speed along its heading
         elif cls == "walker":
             category = "pedestrian"
             vel = _differenced_velocity(str(b.get("id")), neighbours, cur, dt)  # their speed is always 0
             if vel is None:
                 left_out["pedestrian_without_neighbour_frame"] += 1
                 continue
-            vel = vectors_to_local(vel, heading)
+            vx, vy = ch * vel[0] + sh * vel[1], -sh * vel[0] + ch * vel[1]
         elif cls in ("traffic_light", "traffic_sign"):
             category = str(cls)
             raw = b.get("state") if cls == "traffic_light" else b.get("type_id")
             state = TRAFFIC_LIGHT_STATES.get(raw, str(raw)) if isinstance(raw, int) else (str(raw) if raw else None)
-            vel = np.zeros(2)
+            vx = vy = 0.0
         else:
             left_out[f"class_{cls}"] += 1
             continue
-        if not (np.isfinite(p).all() and np.isfinite(half).all() and np.isfinite(vel).all() and np.isfinite(yaw)):
+        if not all(math.isfinite(v) for v in (x, y, yaw, hl, hw, vx, vy)):
             left_out["non_finite"] += 1
             continue
         out.append(
             Object(
                 category=category,
-                x=float(p[0]),
-                y=float(p[1]),
+                x=x,
+                y=y,
                 heading=float(wrap_angle(yaw)),
-                length=float(2 * half[0]),  # extent holds HALF sizes
-                width=float(2 * half[1]),
-                vx=float(vel[0]),
-                vy=float(vel[1]),
+                length=2.0 * hl,
+                width=2.0 * hw,
+                vx=float(vx),
+                vy=float(vy),
                 track_id=str(b.get("id")),
                 state=state,
             )
@@ -392,15 +398,21 @@ def to_ego_objects(
     return tuple(out)
 
 
-def _box_yaw(b: dict[str, Any], w2e: np.ndarray, ego_heading: float) -> float:
-    """Heading in the ego frame: from the actor matrix when there is one, else ``rotation`` yaw."""
+def _box_yaw(b: dict[str, Any], ego_rows: tuple[float, ...], ego_heading: float) -> float:
+    """Heading in the ego frame: from the actor matrix when there is one, else ``rotation`` yaw.
+
+    ``ego_rows`` are the first two rows of the right-handed world->ego rotation. The actor's
+    right-handed world->actor rotation is F L F (L the stored left-handed one); the actor->ego
+    rotation is R_e @ (F L F)^T, of which only column 0 is needed.
+    """
     key = next((k for k in ACTOR_MATRIX_KEYS if k in b), None)
     if key is not None:
-        w2a = np.asarray(b[key], np.float64).reshape(4, 4)[:3, :3] * FLIP_SIGNS  # right-handed
-        rel = w2e[:3, :3] @ w2a.T  # actor -> ego rotation
-        return float(np.arctan2(rel[1, 0], rel[0, 0]))
-    world_yaw = -np.radians(float(b["rotation"][2]))  # (pitch, roll, yaw) deg, clockwise -> CCW
-    return float(world_yaw - ego_heading)
+        row0 = b[key][0]  # first row of the 4x4 (list of lists, as json.dump writes a matrix)
+        a0, a1, a2 = float(row0[0]), -float(row0[1]), float(row0[2])  # row 0 of F L F
+        e00, e01, e02, e10, e11, e12 = ego_rows
+        return math.atan2(e10 * a0 + e11 * a1 + e12 * a2, e00 * a0 + e01 * a1 + e02 * a2)
+    world_yaw = -math.radians(float(b["rotation"][2]))  # (pitch, roll, yaw) deg, clockwise -> CCW
+    return world_yaw - ego_heading
 
 
 def _differenced_velocity(
