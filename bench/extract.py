@@ -18,7 +18,7 @@ Peak memory: the stage runs in a child process on 1x and 3x the nuPlan input
 (logs copied under new names) and reports each child's peak RSS; streaming
 keeps them about equal. Prints ONE JSON line.
 
-    python bench/extract.py [--data DIR] [--datasets waymo_e2e nuscenes nuplan]
+    python bench/extract.py [--data DIR] [--datasets waymo_e2e nuscenes nuplan bench2drive]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASETS = ("waymo_e2e", "nuscenes", "nuplan")
+DATASETS = ("waymo_e2e", "nuscenes", "nuplan", "bench2drive")
 
 
 def _config(dataset: str, input_path: Path):

@@ -70,6 +70,7 @@ class Dataset(StrEnum):
     WAYMO_E2E = "waymo_e2e"
     NUSCENES = "nuscenes"
     NUPLAN = "nuplan"
+    BENCH2DRIVE = "bench2drive"  # CARLA expert drives (Thinklab-SJTU/Bench2Drive)
 
 
 class Split(StrEnum):

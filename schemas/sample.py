@@ -118,6 +118,7 @@ OBJECT_TYPE = pa.struct(
         ("vx", pa.float32()),  # m/s, ego frame; null = unknown (e.g. a nuScenes object annotated once)
         ("vy", pa.float32()),
         ("track_id", pa.string()),
+        ("state", pa.string()),  # traffic-light state / sign type where the dataset has one, else null
     ]
 )
 
@@ -143,7 +144,7 @@ SAMPLE_FIELDS: list[pa.Field] = [
     pa.field("history_meta_longitudinal", pa.string()),
     pa.field("preference_trajectories", pa.list_(pa.list_(XY_TYPE))),  # WOD-E2E: (R,P,2) x,y ego frame, native 4 Hz
     pa.field("preference_scores", pa.list_(pa.float32())),  # WOD-E2E: (R,) in [0,10]
-    pa.field("objects", pa.list_(OBJECT_TYPE)),  # nuScenes/nuPlan objects at t0
+    pa.field("objects", pa.list_(OBJECT_TYPE)),  # nuScenes/nuPlan/Bench2Drive objects at t0
     pa.field("drivelm_qa", pa.list_(QA_TYPE)),  # optional DriveLM-nuScenes QA
     pa.field("source_files", pa.list_(pa.string()), nullable=False),  # provenance
     pa.field("extractor_version", pa.string(), nullable=False),
@@ -214,6 +215,7 @@ class Object:
     vx: float | None  # None: velocity unknown
     vy: float | None
     track_id: str
+    state: str | None = None  # traffic-light state (red, yellow, green, off, unknown) or sign type
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path, capsys):
         t = pq.read_table(p)
         counts.setdefault(ds, {"train": 0, "validation": 0})[split] += t.num_rows
         rows += t.to_pylist()
-    assert set(counts) == {"waymo_e2e", "nuscenes", "nuplan"}
+    assert set(counts) == {"waymo_e2e", "nuscenes", "nuplan", "bench2drive"}
     for ds, c in counts.items():  # the card's counts are the shards' counts
         assert {s: stats["stats"]["counts"][ds][s] for s in c} == c
         assert not stats["stats"]["scene_overlap"][ds]
@@ -61,7 +61,7 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path, capsys):
         assert proj["inside"][far[proj["visible"]]].all(), r["sample_id"]
         assert (uv[:, 1] > h / 2).all(), r["sample_id"]
         checked[r["dataset"]] = checked.get(r["dataset"], 0) + 1
-    assert set(checked) == {"waymo_e2e", "nuscenes", "nuplan"}
+    assert set(checked) == {"waymo_e2e", "nuscenes", "nuplan", "bench2drive"}
 
     # a second run reuses every finished stage
     mtimes = {p.name: p.stat().st_mtime_ns for p in shards}

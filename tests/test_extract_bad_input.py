@@ -139,7 +139,7 @@ def test_missing_input_and_bad_config_fail_before_work(tmp_path):
         from pipelines.sources.base import ExtractConfig
 
         load_config(ExtractConfig, bad)
-    with pytest.raises(KeyError, match="valid: \\['nuplan', 'nuscenes', 'waymo_e2e'\\]"):
+    with pytest.raises(KeyError, match="valid: \\['bench2drive', 'nuplan', 'nuscenes', 'waymo_e2e'\\]"):
         get_source_class("carla")
 
 

@@ -28,6 +28,15 @@ LICENCES: dict[str, tuple[str, str]] = {
         "annotations are released under CC BY-NC-SA 4.0. Check the terms at https://www.nuplan.org and "
         "https://github.com/autonomousvision/navsim before using or redistributing derived data.",
     ),
+    # Thinklab-SJTU/Bench2Drive README "License": "All assets and code are under the CC-BY-NC-ND unless
+    # specified otherwise"; its LICENSE file is CC BY-NC-ND 4.0 (Attribution-NonCommercial-NoDerivatives).
+    "bench2drive": (
+        "Bench2Drive (Thinklab-SJTU, CARLA)",
+        "Bench2Drive's assets and code are released under CC BY-NC-ND 4.0 (non-commercial, NO DERIVATIVES) "
+        "unless specified otherwise. Training shards built from it are adapted material, which that licence does "
+        "not permit sharing: do not push such a build to a public repository without the authors' permission. "
+        "Check https://github.com/Thinklab-SJTU/Bench2Drive before using or redistributing derived data.",
+    ),
 }
 
 

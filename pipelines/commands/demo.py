@@ -1,6 +1,6 @@
 """``drivevla demo``: the whole pipeline on the embedded sample data; no GPU, no network.
 
-generate -> extract (3 datasets) -> codebook -> tokenize -> annotate (rules) ->
+generate -> extract (4 datasets) -> codebook -> tokenize -> annotate (rules) ->
 filter + build + card -> load back with ``datasets`` -> summary.
 
 Each step is the same CLI command a user would type, run in this process.
@@ -22,7 +22,7 @@ from pipelines.core.runner import ENGINES
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("waymo_e2e", "nuscenes", "nuplan")
+DATASETS = ("waymo_e2e", "nuscenes", "nuplan", "bench2drive")
 DEMO_NOTE = (
     "Built by `drivevla demo` from the embedded sample data: synthetic scenes rendered by the project's "
     "simulator in the real on-disk formats, annotated by the deterministic rules annotator (no VLM). "
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="run the whole pipeline on the embedded sample data (no GPU, no network)",
         description=(
-            "Generate the sample data into OUT/sample, extract WOD-E2E, nuScenes and NAVSIM/nuPlan, fit a small "
+            "Generate the sample data into OUT/sample, extract WOD-E2E, nuScenes, NAVSIM/nuPlan and Bench2Drive, fit a small "
             "action codebook (K=256, tol 0.05 m: the sample data has fewer distinct segments than 2048, so the "
             "fit stops early with a warning, which is expected here), tokenize the futures, annotate with the "
             "deterministic rules annotator (annotator=rules, chosen explicitly), filter the reasoning, build the "
@@ -85,11 +85,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
     def generate() -> int:
-        if (sample / "ground_truth.jsonl").is_file():
+        if (sample / "ground_truth.jsonl").is_file() and all((sample / ds).is_dir() for ds in args.datasets):
             print(f"sample data already in {sample} (delete it to regenerate)")
             return 0
         from pipelines.sample_data import generate as gen
 
+        # Same seed, same bytes: regenerating (e.g. for a dataset added since) rewrites identical files.
         data = gen(sample, seed=args.seed, size=args.size)
         print(f"sample data: {data.counts} frames -> {sample}")
         return 0

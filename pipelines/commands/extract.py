@@ -31,7 +31,7 @@ def default_config(dataset: str) -> Path:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "extract",
-        help="extract a dataset (WOD-E2E, nuScenes, nuPlan/NAVSIM) into unified sample shards",
+        help="extract a dataset (WOD-E2E, nuScenes, nuPlan/NAVSIM, Bench2Drive) into unified sample shards",
         description=(
             "Read a dataset in its own on-disk format and write unified, validated samples (camera clips "
             "resized once to the pixel budget, ego history/future in the current ego frame, velocity, "

@@ -1,4 +1,4 @@
-"""``drivevla generate``: write the embedded sample datasets (WOD-E2E, nuScenes, NAVSIM)."""
+"""``drivevla generate``: write the embedded sample datasets (WOD-E2E, nuScenes, NAVSIM, Bench2Drive)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Simulate drives (roads with curves, intersections, lane changes, stops; other cars and "
             "pedestrians), render calibrated cameras and write them as WOD-E2E TFRecords, a nuScenes "
-            "v1.0-mini database and NAVSIM logs + sensor blobs, plus ground_truth.jsonl with the "
+            "v1.0-mini database, NAVSIM logs + sensor blobs and Bench2Drive clips (10 Hz anno/*.json.gz in "
+            "CARLA's left-handed frames + six JPEG cameras), plus ground_truth.jsonl with the "
             "world ego pose, velocity, acceleration and command of every frame. Same seed, same bytes."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -1,10 +1,11 @@
-"""Embedded sample data: small but valid WOD-E2E, nuScenes and NAVSIM datasets from a simulated world.
+"""Embedded sample data: small but valid WOD-E2E, nuScenes, NAVSIM and Bench2Drive datasets from a simulated world.
 
 Tests and ``make demo`` use it; nothing is downloaded. ``generate`` writes::
 
     <out>/waymo_e2e/{training,validation,test}_0000.tfrecord-NNNNN-of-MMMMM
     <out>/nuscenes/v1.0-mini/*.json, samples/, sweeps/, maps/, can_bus/
     <out>/nuplan/navsim_logs/<split>/<log>.pkl, sensor_blobs/<split>/<log>/CAM_*/<hex>.jpg
+    <out>/bench2drive/<Scenario>/<Town>_Route<N>_Weather<N>/anno/NNNNN.json.gz, camera/rgb_*/NNNNN.jpg
     <out>/ground_truth.jsonl   one line per generated frame of every dataset
 
 Output is a pure function of ``(seed, size, datasets, image_size)``: no wall
@@ -24,7 +25,7 @@ from pipelines.sample_data.common import SIZES, SizeSpec, size_spec
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("waymo_e2e", "nuscenes", "nuplan")
+DATASETS = ("waymo_e2e", "nuscenes", "nuplan", "bench2drive")
 
 __all__ = ["DATASETS", "SIZES", "SampleData", "SizeSpec", "generate"]
 
@@ -40,6 +41,7 @@ class SampleData:
     nuplan: Path | None
     ground_truth: Path
     counts: dict[str, int]  # frames written per dataset
+    bench2drive: Path | None = None
 
     def ground_truth_records(self) -> list[dict]:
         """The ground-truth lines as dicts."""
@@ -61,6 +63,7 @@ def generate(
     ``image_size`` (width, height) overrides the size's camera resolution.
     Existing files at the same paths are overwritten.
     """
+    from pipelines.sample_data.bench2drive import write_bench2drive
     from pipelines.sample_data.nuplan import write_nuplan
     from pipelines.sample_data.nuscenes import VERSION, write_nuscenes
     from pipelines.sample_data.waymo import write_waymo
@@ -72,7 +75,12 @@ def generate(
     spec = size_spec(size, image_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    writers = {"waymo_e2e": write_waymo, "nuscenes": write_nuscenes, "nuplan": write_nuplan}
+    writers = {
+        "waymo_e2e": write_waymo,
+        "nuscenes": write_nuscenes,
+        "nuplan": write_nuplan,
+        "bench2drive": write_bench2drive,
+    }
     records: list[dict] = []
     counts: dict[str, int] = {}
     for name in DATASETS:  # fixed order, whatever order the caller gave
@@ -95,4 +103,5 @@ def generate(
         nuplan=out / "nuplan" if "nuplan" in datasets else None,
         ground_truth=gt_path,
         counts=counts,
+        bench2drive=out / "bench2drive" if "bench2drive" in datasets else None,
     )

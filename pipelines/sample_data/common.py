@@ -43,6 +43,9 @@ class SizeSpec:
     # NAVSIM: logs per split directory, 2 Hz frames per log.
     nuplan_logs: dict[str, int] = field(default_factory=lambda: {"mini": 2})
     nuplan_frames: int = 30
+    # Bench2Drive: 10 Hz clips (the first one steered into a left turn), seconds per clip.
+    bench2drive_clips: int = 2
+    bench2drive_duration_s: float = 8.0
 
 
 SIZES: Final[dict[str, SizeSpec]] = {
@@ -59,6 +62,8 @@ SIZES: Final[dict[str, SizeSpec]] = {
         nuscenes_lidar_sweeps=4,
         nuplan_logs={"trainval": 3, "test": 1},
         nuplan_frames=40,
+        bench2drive_clips=3,
+        bench2drive_duration_s=15.0,
     ),
 }
 

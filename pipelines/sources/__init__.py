@@ -14,6 +14,7 @@ SOURCES: dict[str, str] = {
     "waymo_e2e": "pipelines.sources.waymo_e2e:WaymoE2ESource",
     "nuscenes": "pipelines.sources.nuscenes:NuScenesSource",
     "nuplan": "pipelines.sources.nuplan:NuPlanSource",
+    "bench2drive": "pipelines.sources.bench2drive:Bench2DriveSource",
 }
 
 
