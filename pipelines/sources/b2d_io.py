@@ -20,9 +20,9 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from pipelines.io.fs import url_to_fs
 from pipelines.io.images import ImageError
 
 ARCHIVE_SUFFIXES: Final = (".tar.gz", ".tgz", ".tar")
@@ -37,7 +37,7 @@ class ArchiveError(OSError):
 
 def open_root(url: str) -> tuple[Any, str]:
     """The fsspec filesystem and the protocol-less root path of ``url``."""
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = url_to_fs(url)  # the project's one filesystem layer (pipelines/io/fs.py)
     return fs, path.rstrip("/") or path
 
 
