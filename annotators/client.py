@@ -37,7 +37,6 @@ from annotators.aimd import ERROR, NEUTRAL, OK, OVERLOAD, AIMDDispatcher
 from annotators.config import ClientConfig
 from annotators.parsing import ParseError
 from annotators.request import ChatRequest
-from annotators.transport import FastHTTPTransport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,11 +48,13 @@ _CONTEXT_HINTS = (
     "too long",
     "max_model_len",
 )
-# With client.transport=httpx: httpcore's pool does O(connections^2) work per
-# request (it rescans every connection for each idle one), ~10 ms of CPU per
-# request at 256 connections. Small pools handed out from a free list keep
-# that bounded. The default transport (annotators.transport) needs no sharding.
+# httpx (httpcore) is the only transport: it handles TLS, proxies (HTTP(S)_PROXY
+# from the environment), chunked bodies and the gateways in front of servers.
+# httpcore's pool does O(connections^2) work per request (it rescans every
+# connection for each idle one), ~10 ms of CPU per request at 256 connections
+# in one pool. Small pools handed out from a free list keep that bounded.
 CONNECTIONS_PER_POOL = 4
+SNIPPET_CHARS = 200
 
 
 class AnnotationError(Exception):
@@ -101,13 +102,24 @@ def _retry_after(resp: httpx.Response) -> float:
         return 0.0  # HTTP-date form: fall back to our own backoff
 
 
-def _snippet(resp: httpx.Response) -> str:
-    return " ".join(resp.text[:200].split())
-
-
 def redact(text: str, secret: str | None) -> str:
     """``text`` with ``secret`` masked (servers may echo a rejected key in their error body)."""
     return text.replace(secret, "***") if secret else text
+
+
+def _snippet(resp: httpx.Response, secret: str | None) -> str:
+    """The start of the body for an error message: redacted FIRST, then cut (a cut key
+    straddling the limit would no longer match and leak its first characters)."""
+    return " ".join(redact(resp.text, secret)[:SNIPPET_CHARS].split())
+
+
+def quiet_http_logs() -> None:
+    """httpx logs every request at INFO; keep that out of normal runs (DEBUG still shows it)."""
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in ("httpx", "httpcore"):
+            lg = logging.getLogger(name)
+            if lg.level == logging.NOTSET:
+                lg.setLevel(logging.WARNING)
 
 
 class VLMClient:
@@ -124,15 +136,17 @@ class VLMClient:
             min_per_endpoint=cfg.min_in_flight,
             initial_total=cfg.initial_in_flight or None,
             latency_tolerance=cfg.latency_tolerance,
+            down_after=cfg.endpoint_down_after,
+            probe_s=cfg.endpoint_probe_s,
+            probe_max_s=cfg.endpoint_probe_max_s,
         )
+        quiet_http_logs()
         self.stats = ClientStats()
         headers = {"Content-Type": "application/json"}
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._secret = key or None  # only for masking it in error messages
-        if transport is None and cfg.transport == "fast":
-            transport = FastHTTPTransport()
         per_pool = CONNECTIONS_PER_POOL if transport is None else cfg.max_in_flight
         n_pools = max(1, -(-cfg.max_in_flight // per_pool))
         limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
@@ -179,25 +193,54 @@ class VLMClient:
     async def preflight(self) -> dict[str, list[str]]:
         """Check every endpoint answers ``GET /models`` and serves the model; else raise PreflightError."""
         served: dict[str, list[str]] = {}
-        problems = []
+        problems: list[str] = []
+        auth_only = True
+        key_env = self.cfg.api_key_env
         for url in self.urls:
             try:
                 resp = await self._pools[url][0].get(
                     f"{url}/models", timeout=self.cfg.connect_timeout_s
                 )
+            except httpx.HTTPError as exc:
+                auth_only = False
+                problems.append(f"{url}: no answer to GET /models ({type(exc).__name__}: {exc})")
+                continue
+            if resp.status_code in (401, 403):
+                why = (
+                    f"the server refused the API key from ${key_env}"
+                    if self._secret
+                    else f"the server wants an API key, but ${key_env or '(client.api_key_env)'} is not set"
+                )
+                problems.append(
+                    f"{url}: HTTP {resp.status_code} to GET /models: {why} "
+                    f"({_snippet(resp, self._secret)})"
+                )
+                continue
+            auth_only = False
+            try:
                 resp.raise_for_status()
                 served[url] = [m.get("id", "") for m in resp.json().get("data", [])]
-            except (httpx.HTTPError, ValueError) as exc:
-                problems.append(f"{url}: no answer to GET /models ({type(exc).__name__}: {exc})")
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                problems.append(
+                    f"{url}: no usable answer to GET /models (HTTP {resp.status_code}: "
+                    f"{type(exc).__name__}; {_snippet(resp, self._secret)})"
+                )
                 continue
             if self.cfg.model not in served[url]:
                 problems.append(
                     f"{url}: serves {served[url]}, not the configured model {self.cfg.model!r}"
                 )
+        if problems and auth_only:
+            raise PreflightError(
+                "annotation pre-flight failed: the API key was refused\n  "
+                + redact("\n  ".join(problems), self._secret)
+                + f"\nExport the key the server expects in ${key_env} (the variable named by "
+                "client.api_key_env); it is sent as 'Authorization: Bearer ...' and never logged."
+            )
         if problems:
             raise PreflightError(
                 "annotation pre-flight failed:\n  "
-                + "\n  ".join(problems)
+                + redact("\n  ".join(problems), self._secret)
                 + "\nStart an OpenAI-compatible server first, e.g.\n"
                 f"  vllm serve {self.cfg.model} --tensor-parallel-size 8 --port 8000 "
                 "--limit-mm-per-prompt image=16 --max-model-len 32768\n"
@@ -224,7 +267,7 @@ class VLMClient:
             ep = await self.dispatcher.acquire()
             attempts += 1
             self.stats.attempts += 1
-            outcome, retry_after, err = NEUTRAL, 0.0, None
+            outcome, retry_after, err, alive = NEUTRAL, 0.0, None, True
             start = time.perf_counter()
             http = self._free[ep.url].pop()  # LIFO: reuse the warmest connection
             try:
@@ -244,25 +287,25 @@ class VLMClient:
                         finish = choice.get("finish_reason") or ""
                         usage = data.get("usage") or {}
                     except (ValueError, KeyError, IndexError, TypeError) as exc:
-                        outcome, err = (
-                            ERROR,
-                            (
-                                "MalformedResponse",
-                                f"unreadable response body ({exc}): {_snippet(resp)}",
-                            ),
+                        outcome, alive = ERROR, False
+                        err = (
+                            "MalformedResponse",
+                            f"unreadable response body ({exc}): {_snippet(resp, self._secret)}",
                         )
                     else:
                         outcome = OK
                 elif status in (429, 503):
                     outcome, retry_after = OVERLOAD, _retry_after(resp)
+                    alive = status == 429  # a 429 is a busy server, a 503 may be a dead one
                     err = (
                         "RateLimited" if status == 429 else "ServerError",
                         f"HTTP {status} from {ep.url}",
                     )
                 elif status >= 500 or status == 408:
-                    outcome, err = (
-                        ERROR,
-                        ("ServerError", f"HTTP {status} from {ep.url}: {_snippet(resp)}"),
+                    outcome, alive = ERROR, False
+                    err = (
+                        "ServerError",
+                        f"HTTP {status} from {ep.url}: {_snippet(resp, self._secret)}",
                     )
                 else:
                     text = resp.text.lower()
@@ -276,10 +319,14 @@ class VLMClient:
                     self.stats.failed += 1
                     raise AnnotationError(
                         cls,
-                        redact(f"HTTP {status} from {ep.url}: {_snippet(resp)}", self._secret),
+                        redact(
+                            f"HTTP {status} from {ep.url}: {_snippet(resp, self._secret)}",
+                            self._secret,
+                        ),
                         attempts,
                     )
             except httpx.TimeoutException as exc:
+                alive = False
                 outcome, err = (
                     OVERLOAD,
                     (
@@ -288,6 +335,7 @@ class VLMClient:
                     ),
                 )
             except httpx.TransportError as exc:
+                alive = False
                 outcome, err = (
                     OVERLOAD,
                     ("ConnectionError", f"{type(exc).__name__} talking to {ep.url}: {exc}"),
@@ -301,7 +349,11 @@ class VLMClient:
                 self._free[ep.url].append(http)
                 # Exactly one release per acquire, before any backoff sleep.
                 self.dispatcher.release(
-                    ep, outcome, latency=time.perf_counter() - start, retry_after=retry_after
+                    ep,
+                    outcome,
+                    latency=time.perf_counter() - start,
+                    retry_after=retry_after,
+                    alive=alive,
                 )
 
             if err is None:

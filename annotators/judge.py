@@ -50,7 +50,7 @@ class JudgeConfig:
 
     enabled: bool = False
     on_error: str = "reject"  # "reject" (reason judge_failed) or "keep"
-    client: ClientConfig = field(default_factory=lambda: ClientConfig(max_tokens=256, guided="guided_json"))
+    client: ClientConfig = field(default_factory=lambda: ClientConfig(max_tokens=256))
 
     def __post_init__(self) -> None:
         if self.on_error not in ("reject", "keep"):
@@ -90,16 +90,10 @@ def parse_verdict(text: str) -> FilterResult:
 
 def build_judge_request(row: Mapping[str, Any], cfg: ClientConfig) -> Any:
     """A :class:`annotators.request.ChatRequest` for the judge (guided JSON as the client config says)."""
-    from annotators.request import ChatRequest
+    from annotators.request import ChatRequest, schema_fields
 
     head: dict[str, Any] = {"model": cfg.model, "temperature": 0.0, "top_p": 1.0}
-    if cfg.guided in ("guided_json", "both"):
-        head["guided_json"] = JUDGE_SCHEMA
-    if cfg.guided in ("response_format", "both"):
-        head["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "reasoning_verdict", "schema": JUDGE_SCHEMA, "strict": True},
-        }
+    head.update(schema_fields(cfg.guided, "reasoning_verdict", JUDGE_SCHEMA))
     messages = json.dumps(judge_messages(row), separators=(",", ":")).encode()
     key = hashlib.sha256(json.dumps([JUDGE_VERSION, head, messages.decode()], sort_keys=True).encode()).hexdigest()
     return ChatRequest(
