@@ -9,7 +9,10 @@ separate process so its CPU is not counted; the client's CPU is
 ``image_encoding_ms_per_request``). Baseline in the same run: a sequential
 one-request-at-a-time client (the reference's batch-size-1 loop).
 
-    python bench/annotate.py [--latency 1.0] [--waves 4] [--in-flight 64 256] [--transport fast|httpx]
+The client's transport is httpx (``httpx.AsyncClient`` over httpcore, in pools of
+``annotators.client.CONNECTIONS_PER_POOL`` connections).
+
+    python bench/annotate.py [--latency 1.0] [--waves 4] [--in-flight 64 256]
 
 Prints one JSON line.
 """
@@ -26,6 +29,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import httpcore
+import httpx
 
 from annotators.client import VLMClient
 from annotators.config import ClientConfig, PromptConfig
@@ -101,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--latency", type=float, default=1.0, help="server latency per request, s")
-    ap.add_argument(
-        "--transport", choices=("fast", "httpx"), default="fast", help="client.transport to measure"
-    )
     ap.add_argument("--in-flight", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--waves", type=int, default=4, help="timed requests = waves x in_flight")
     ap.add_argument("--image-size", default="160x90", help="WxH of each of the 16 prompt frames")
@@ -116,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = []
         # The shipped client defaults (AIMD on, latency tolerance on); no retries so errors show.
-        base_cfg = ClientConfig(
-            endpoints=(url,), model=MODEL, max_attempts=1, transport=args.transport
-        )
+        base_cfg = ClientConfig(endpoints=(url,), model=MODEL, max_attempts=1)
         reqs, enc_s = prepare(16, width, height, base_cfg)
         for c in args.in_flight:
             cfg = dataclasses.replace(base_cfg, max_in_flight=c)
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_requests_per_s": round(b["n"] / b["wall_s"], 2),
         "speedup_vs_baseline": round(top["requests_per_s"] / (b["n"] / b["wall_s"]), 1),
         "latency_s": args.latency,
-        "transport": args.transport,
+        "transport": f"httpx {httpx.__version__} (httpcore {httpcore.__version__})",
         "image_encoding_ms_per_request": round(1e3 * enc_s, 3),
         "body_kib": round(len(reqs[0].body()) / 1024, 1),
         "runs": runs,

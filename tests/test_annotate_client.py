@@ -7,7 +7,6 @@ import dataclasses
 import logging
 import time
 
-import httpx
 import pytest
 
 from annotators.client import AnnotationError, PreflightError, VLMClient

@@ -264,6 +264,13 @@ def run(args: argparse.Namespace) -> int:
         lease.release()
     counts = annotation_counts(out)
     print(format_summary(summary, counts))
+    if counts["errors"].get("MalformedAnswer") and cfg.client.guided != "response_format":
+        log.warning(
+            "%d answers were unusable with client.guided=%s: servers that do not know that field "
+            "ignore it and answer unconstrained (current vLLM ignores guided_json, SGLang ignores "
+            "structured_outputs); client.guided=response_format is honoured by both",
+            counts["errors"]["MalformedAnswer"], cfg.client.guided,
+        )  # fmt: skip
     missing = {k: v for k, v in counts["errors"].items() if k not in SAMPLE_ERRORS}
     if missing:
         log.error(

@@ -47,7 +47,7 @@ def add_set_arg(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set images.max_pixels=200704 (repeatable)",
+        help="override a config key, e.g. --set image.max_pixels=200704 (repeatable)",
     )
 
 
