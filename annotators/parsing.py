@@ -250,6 +250,9 @@ def _md_objects(lines: list[str]) -> list[dict[str, str]]:
             if paren:
                 fields["name"], fields["location"] = paren.group(1), paren.group(2)
                 fields["behaviour"] = fields["behaviour"] or paren.group(3).strip(" :-")
+        if not fields["why"] and ";" in fields["behaviour"]:  # "name (where): does X; matters as Y"
+            behaviour, why = fields["behaviour"].split(";", 1)
+            fields["behaviour"], fields["why"] = behaviour.strip(), why.strip(" .")
         out.append(fields)
     return out
 

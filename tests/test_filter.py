@@ -156,7 +156,7 @@ def _judge_transport(seen):
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         seen.append(body)
-        assert "guided_json" in body and body["messages"][0]["role"] == "system"
+        assert "response_format" in body and body["messages"][0]["role"] == "system"
         text = body["messages"][1]["content"]
         verdict = {"verdict": "fail", "reason": "generic filler"} if "junction number 1 " in text else {
             "verdict": "pass", "reason": "fine"}
