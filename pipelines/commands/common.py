@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 from pathlib import Path
@@ -38,6 +39,35 @@ def add_engine_args(parser: argparse.ArgumentParser, default: str = "ray") -> No
         help="Beam pipeline options, e.g. --runner=DataflowRunner --project=P --region=R "
         "--temp_location=gs://... (must come last on the command line)%(default).0s",
     )
+
+
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def help_formatter(base: type[argparse.HelpFormatter]) -> type[argparse.HelpFormatter]:
+    """``base`` with help texts that state each default once and show checkout paths relative.
+
+    ``ArgumentDefaultsHelpFormatter`` appends "(default: X)" even where the help already
+    says what the default is, and prints defaults like ``configs/x.yaml`` as absolute paths
+    of wherever the code is installed.
+    """
+
+    class Formatter(base):  # type: ignore[misc, valid-type]
+        def _get_help_string(self, action: argparse.Action) -> str | None:
+            text = action.help or ""
+            if "default" in text.lower() or action.default in (None, False, [], "", argparse.SUPPRESS):
+                return text
+            return super()._get_help_string(action)
+
+        def _expand_help(self, action: argparse.Action) -> str:
+            d = action.default
+            if isinstance(d, Path) and d.is_absolute() and d.is_relative_to(_CHECKOUT):
+                action = copy.copy(action)
+                action.default = d.relative_to(_CHECKOUT)
+            return super()._expand_help(action)
+
+    Formatter.__name__ = f"Plain{base.__name__}"
+    return Formatter
 
 
 def add_set_arg(parser: argparse.ArgumentParser) -> None:
