@@ -105,9 +105,8 @@ def build_judge_request(row: Mapping[str, Any], cfg: ClientConfig) -> Any:
 class Judge:
     """Judges batches of rows; one event loop and one client per :meth:`judge` call."""
 
-    def __init__(self, cfg: JudgeConfig, transport: Any = None) -> None:
+    def __init__(self, cfg: JudgeConfig) -> None:
         self.cfg = cfg
-        self.transport = transport  # an httpx transport for tests; None: the network (127.0.0.1 servers)
 
     def judge(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, FilterResult]:
         """``{sample_id: True | (False, reason)}`` for every row."""
@@ -118,7 +117,7 @@ class Judge:
     async def _judge_all(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, FilterResult]:
         from annotators.client import AnnotationError, VLMClient
 
-        async with VLMClient(self.cfg.client, transport=self.transport) as client:
+        async with VLMClient(self.cfg.client) as client:
             if self.cfg.client.preflight:
                 await client.preflight()  # no server serving the model: fail now, with instructions
 

@@ -41,6 +41,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -177,9 +178,15 @@ class FakeVLMServer:
     """The server; ``with FakeVLMServer(FaultConfig(...)) as srv: srv.base_url``."""
 
     def __init__(
-        self, faults: FaultConfig | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        faults: FaultConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        responder: Callable[[dict[str, Any]], tuple[int, dict[str, Any]]] | None = None,
     ) -> None:
         self.faults = faults or FaultConfig()
+        # Answers chat requests instead of the built-in annotator: body -> (status, JSON reply).
+        self.responder = responder
         self.host, self.port = host, port
         self.log: list[RequestRecord] = []
         self.in_flight = 0
@@ -336,6 +343,10 @@ class FakeVLMServer:
         except ValueError as exc:
             self.log.append(RequestRecord(key, attempt, "invalid", 400, 0, time.monotonic()))
             return 400, {}, json.dumps({"error": {"message": f"invalid request: {exc}"}}).encode()
+        if self.responder is not None:
+            self.log.append(RequestRecord(key, attempt, "responder", 0, 0, time.monotonic()))
+            status, reply = self.responder(body)
+            return status, {}, json.dumps(reply).encode()
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
         constrained = schema_requested(body)
         ignored = tuple(sorted(set(body) - KNOWN_FIELDS))
