@@ -118,6 +118,17 @@ def _retry_after(resp: _Reply) -> float:
         return 0.0  # HTTP-date form: fall back to our own backoff
 
 
+def _env_proxy(url: str) -> tuple[Any, Any] | None:
+    """The proxy (and its credentials) the environment sets for ``url``; None: direct."""
+    from aiohttp.helpers import get_env_proxy_for_url
+    from yarl import URL
+
+    try:
+        return get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None
+
+
 def redact(text: str, secret: str | None) -> str:
     """``text`` with ``secret`` masked (servers may echo a rejected key in their error body)."""
     return text.replace(secret, "***") if secret else text
@@ -163,6 +174,9 @@ class VLMClient:
             self._headers["Authorization"] = f"Bearer {key}"
         self._secret = key or None  # only for masking it in error messages
         self._session: aiohttp.ClientSession | None = None  # made in the loop that uses it
+        # Proxies from the environment (HTTP(S)_PROXY, NO_PROXY), looked up once per endpoint:
+        # aiohttp's trust_env would look them (and ~/.netrc) up per request, in a thread.
+        self._proxy = {u: _env_proxy(u) for u in self.urls}
         self._rng = random.Random()
 
     def __repr__(self) -> str:  # no headers: they hold the key
@@ -184,7 +198,7 @@ class VLMClient:
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers=self._headers,
-                trust_env=True,  # proxies from the environment, as curl and httpx do
+                trust_env=False,  # proxies: self._proxy
                 timeout=aiohttp.ClientTimeout(total=None),
             )
         return self._session
@@ -205,9 +219,14 @@ class VLMClient:
         )
 
     async def _send(
-        self, method: str, url: str, timeout: aiohttp.ClientTimeout, **kw: Any
+        self, method: str, base: str, path: str, timeout: aiohttp.ClientTimeout, **kw: Any
     ) -> _Reply:
-        async with self._http().request(method, url, timeout=timeout, **kw) as resp:
+        """One request to endpoint ``base``; the whole body is read before returning."""
+        proxy, proxy_auth = self._proxy.get(base) or (None, None)
+        url = base + path
+        async with self._http().request(
+            method, url, timeout=timeout, proxy=proxy, proxy_auth=proxy_auth, **kw
+        ) as resp:
             body = await resp.read()
             return _Reply(resp.status, resp.headers, body)
 
@@ -223,7 +242,7 @@ class VLMClient:
             try:
                 wait = self.cfg.connect_timeout_s
                 resp = await self._send(
-                    "GET", f"{url}/models", aiohttp.ClientTimeout(total=None, sock_connect=wait, sock_read=wait)
+                    "GET", url, "/models", aiohttp.ClientTimeout(sock_connect=wait, sock_read=wait)
                 )
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 auth_only = False
@@ -297,7 +316,8 @@ class VLMClient:
             try:
                 resp = await self._send(
                     "POST",
-                    f"{ep.url}/chat/completions",
+                    ep.url,
+                    "/chat/completions",
                     self.timeout(max_tokens),
                     data=req.body(max_tokens),
                     headers=headers,

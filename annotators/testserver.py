@@ -193,6 +193,7 @@ class FakeVLMServer:
         self.max_in_flight_seen = 0
         self._attempts: dict[str, int] = {}
         self._echoed = 0
+        self.proxied = 0  # requests received in proxy (absolute-URI) form
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -277,6 +278,9 @@ class FakeVLMServer:
                         headers[k.strip().lower()] = v.strip()
                 n = int(headers.get("content-length", "0"))
                 body = await reader.readexactly(n) if n else b""
+                if path.startswith(("http://", "https://")):  # absolute form: we are the proxy
+                    self.proxied += 1
+                    path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
                 status, extra, payload = await self._route(method, path, headers, body)
                 if status < 0:  # malformed body: promise more bytes than sent, then close
                     writer.write(self._response(200, {}, payload, length=len(payload) + 50))

@@ -313,3 +313,15 @@ def test_httpx_request_logs_are_quiet_at_info(prompts, caplog):
         out, _ = _run(cfg, reqs)
     assert all(not isinstance(r, Exception) for r in out)
     assert not [r for r in caplog.records if r.name.startswith(("httpx", "httpcore"))]
+
+
+def test_proxy_from_the_environment_is_used(prompts, monkeypatch):
+    """HTTP_PROXY is honoured (the test server also answers proxy-form requests)."""
+    with FakeVLMServer(FaultConfig(model=MODEL)) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        cfg = _cfg("http://annotation-upstream.invalid:8000/v1")  # only reachable via the proxy
+        (res,), _ = _run(cfg, [build_chat_request(prompts[3], cfg)])
+    assert not isinstance(res, Exception), res
+    assert proxy.proxied == 1 and res[1].lateral == prompts[3].hint[0]
