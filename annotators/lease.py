@@ -124,7 +124,12 @@ class OutputLease:
 
     def _write(self) -> None:
         self._info["expires"] = time.time() + self.ttl_s
-        self.fs.pipe_file(self.path, json.dumps(self._info).encode())
+        data = json.dumps(self._info).encode()
+        try:
+            self.fs.pipe_file(self.path, data)
+        except FileNotFoundError:  # a finishing run removed the empty _lease/ meanwhile
+            self.fs.makedirs(self.dir, exist_ok=True)
+            self.fs.pipe_file(self.path, data)
 
     def _delete(self, path: str) -> None:
         try:
@@ -217,6 +222,11 @@ class OutputLease:
             self._thread.join(10)
             self._thread = None
         self._delete(self.path)
+        try:  # leave no empty _lease/ behind (object stores have no directories to remove)
+            if not self.fs.ls(self.dir, detail=False):
+                self.fs.rmdir(self.dir)
+        except (OSError, NotImplementedError):
+            pass  # another contender's file is there, or the directory is already gone
 
     def __enter__(self) -> OutputLease:
         return self.acquire()
