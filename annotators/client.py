@@ -14,7 +14,11 @@ Error classes (DESIGN.md section 6):
 * an answer the parser rejects: retried once (then ``MalformedAnswer``).
 
 The API key comes from the environment variable named in the config and only
-ever travels in the ``Authorization`` header; nothing here logs headers.
+ever travels in the ``Authorization`` header; nothing here logs headers, and
+error texts are redacted before they are cut to a snippet.
+
+Several endpoints share the load (:mod:`annotators.aimd`); one that keeps
+failing leaves the rotation and is probed back.
 """
 
 from __future__ import annotations
