@@ -295,8 +295,8 @@ def test_dead_endpoint_leaves_rotation_and_is_probed_back(prompts):
     assert live_mid == [live.base_url]  # out of rotation while dead
     # 120 requests over ~0.3 s: without the breaker the instantly answering dead endpoint
     # would draw about half of all attempts; here a few before it is taken out, then probes.
-    assert 3 <= n_dead <= 20, n_dead
-    assert live_end == [live.base_url, dead.base_url] and len(back) >= 20
+    assert 3 <= n_dead <= 30, n_dead
+    assert live_end == [live.base_url, dead.base_url] and len(back) >= 10
 
 
 def test_httpx_request_logs_are_quiet_at_info(prompts, caplog):
