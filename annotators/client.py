@@ -216,8 +216,8 @@ class VLMClient:
         """Connect timeout, and a read timeout scaled to the completion budget."""
         read = self.cfg.timeout_base_s + max_tokens * self.cfg.timeout_per_token_s
         return aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
+            # a hard cap too: sock_read does not cover a server that stops reading the body
+            total=self.cfg.connect_timeout_s + 2 * read,
             sock_connect=self.cfg.connect_timeout_s,
             sock_read=read,
         )
