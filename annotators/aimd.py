@@ -13,15 +13,25 @@ Waiters are served first in, first out: a released slot is handed straight to
 the oldest waiter (no thundering herd), on the endpoint with the fewest
 requests in flight relative to its limit. A ``Retry-After`` blocks an
 endpoint until that time.
+
+Dead endpoints (a circuit breaker): after ``down_after`` failed attempts in a
+row (5xx, timeouts, connection errors; a 429 means busy, not dead) an
+endpoint leaves the rotation. After ``probe_s`` it takes one request again
+(the probe); success brings it back, failure doubles the wait (up to
+``probe_max_s``). The last endpoint in rotation is never taken out (with
+all of them dead, requests fail by their retry budget). Without this, a dead endpoint answering 503 at once would
+look least loaded and draw most requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import time
 from dataclasses import dataclass
 
+log = logging.getLogger(__name__)
 OK, OVERLOAD, ERROR, NEUTRAL = "ok", "overload", "error", "neutral"
 
 
@@ -35,6 +45,11 @@ class Endpoint:
     baseline_latency: float | None = None
     last_decrease: float = -1e9
     decreases: int = 0
+    fails_in_row: int = 0
+    down: bool = False  # out of rotation (dead); probed again at down_until
+    down_until: float = 0.0
+    probe_wait: float = 0.0
+    times_down: int = 0
 
     def capacity(self) -> int:
         return max(int(self.limit) - self.in_flight, 0)
@@ -51,6 +66,9 @@ class AIMDDispatcher:
         initial_total: int | None = None,
         decrease: float = 0.5,
         latency_tolerance: float = 3.0,
+        down_after: int = 5,
+        probe_s: float = 5.0,
+        probe_max_s: float = 60.0,
     ) -> None:
         if not urls:
             raise ValueError("need at least one endpoint")
@@ -61,6 +79,9 @@ class AIMDDispatcher:
         self.min_limit = float(min_per_endpoint)
         self.decrease = decrease
         self.latency_tolerance = latency_tolerance
+        self.down_after = down_after
+        self.probe_s = probe_s
+        self.probe_max_s = max(probe_max_s, probe_s)
         self.in_flight = 0
         self._waiters: collections.deque[asyncio.Future[Endpoint]] = collections.deque()
 
@@ -77,6 +98,8 @@ class AIMDDispatcher:
         for e in self.endpoints:
             if e.in_flight >= int(e.limit) or e.blocked_until > now:
                 continue
+            if e.down and (e.down_until > now or e.in_flight > 0):
+                continue  # dead: no requests until its probe, then one at a time
             load = e.in_flight / e.limit
             if load < best_load:
                 best, best_load = e, load
@@ -100,12 +123,30 @@ class AIMDDispatcher:
             raise
 
     def release(
-        self, ep: Endpoint, outcome: str, latency: float | None = None, retry_after: float = 0.0
+        self,
+        ep: Endpoint,
+        outcome: str,
+        latency: float | None = None,
+        retry_after: float = 0.0,
+        alive: bool = True,
     ) -> None:
-        """Return a slot and adapt ``ep``'s limit to the outcome."""
+        """Return a slot and adapt ``ep``'s limit to the outcome.
+
+        ``alive=False``: the attempt failed in a way a dead server fails (5xx, timeout,
+        connection error); ``down_after`` of those in a row take ``ep`` out of rotation.
+        """
         ep.in_flight -= 1
         self.in_flight -= 1
         now = time.monotonic()
+        if outcome == OK:
+            ep.fails_in_row = 0
+            if ep.down:
+                ep.down, ep.probe_wait = False, 0.0
+                log.warning("endpoint %s answers again: back in rotation", ep.url)
+        elif not alive:
+            ep.fails_in_row += 1
+            if ep.down or ep.fails_in_row >= self.down_after:
+                self._take_down(ep, now)
         if outcome == OK:
             # Grow only while latency is normal: a growing queue on the server means it is saturated.
             if latency is None or not self._observe_latency(ep, latency, now):
@@ -116,6 +157,28 @@ class AIMDDispatcher:
             ep.blocked_until = max(ep.blocked_until, now + retry_after)
             asyncio.get_running_loop().call_later(retry_after + 1e-3, self._wake)
         self._wake()
+
+    def _take_down(self, ep: Endpoint, now: float) -> None:
+        if not ep.down:
+            if not any(e is not ep and not e.down for e in self.endpoints):
+                return  # the last live endpoint stays: requests fail by their own retry budget
+            ep.down, ep.probe_wait = True, self.probe_s
+            ep.times_down += 1
+            log.warning(
+                "endpoint %s failed %d attempts in a row: out of rotation, probing it again in %.1f s",
+                ep.url, ep.fails_in_row, ep.probe_wait,
+            )  # fmt: skip
+        elif ep.down_until <= now:  # a probe failed: wait longer
+            ep.probe_wait = min(self.probe_max_s, ep.probe_wait * 2)
+            log.info("endpoint %s still failing; next probe in %.1f s", ep.url, ep.probe_wait)
+        else:
+            return  # a request sent before it went down
+        ep.down_until = now + ep.probe_wait
+        asyncio.get_running_loop().call_later(ep.probe_wait + 1e-3, self._wake)
+
+    @property
+    def live_endpoints(self) -> list[str]:
+        return [e.url for e in self.endpoints if not e.down]
 
     def _observe_latency(self, ep: Endpoint, latency: float, now: float) -> bool:
         """Track latency; shrink and return True when it has grown past the tolerance."""

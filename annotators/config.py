@@ -109,8 +109,11 @@ class ClientConfig:
     max_tokens: int = 1024
     length_retry_factor: float = 2.0  # finish_reason=length: retry once with max_tokens * this
     max_tokens_cap: int = 4096
-    # "guided_json" (vLLM extra body), "response_format", "both" or "none"
-    guided: str = "guided_json"
+    # How the answer schema is requested: "response_format" (json_schema; vLLM and SGLang
+    # honour it), "structured_outputs" (vLLM only), "guided_json" (removed from current
+    # vLLM: ignored there, output NOT constrained), "both" (guided_json + response_format)
+    # or "none". See annotators/request.py.
+    guided: str = "response_format"
     max_attempts: int = 6  # transient errors (429/5xx/timeout/connection) per request
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
@@ -120,19 +123,23 @@ class ClientConfig:
     # EWMA latency above this x the baseline shrinks the limit (0: off)
     latency_tolerance: float = 3.0
     preflight: bool = True
-    transport: str = "fast"  # "fast" (annotators.transport, ~0.1 ms/request) or "httpx" (httpcore)
+    # A dead endpoint (this many failed attempts in a row: 5xx, 429 without success,
+    # timeouts, connection errors) leaves the rotation; one request probes it back after
+    # endpoint_probe_s, doubling up to endpoint_probe_max_s while it stays dead.
+    endpoint_down_after: int = 5
+    endpoint_probe_s: float = 5.0
+    endpoint_probe_max_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.endpoints:
             raise ValueError("client.endpoints must list at least one base URL")
         if self.max_in_flight < 1 or not 1 <= self.min_in_flight <= self.max_in_flight:
             raise ValueError("client needs 1 <= min_in_flight <= max_in_flight")
-        if self.transport not in ("fast", "httpx"):
-            raise ValueError(f"client.transport must be 'fast' or 'httpx', got {self.transport!r}")
-        if self.guided not in ("guided_json", "response_format", "both", "none"):
-            raise ValueError(
-                f"client.guided must be guided_json|response_format|both|none, got {self.guided!r}"
-            )
+        modes = ("response_format", "structured_outputs", "guided_json", "both", "none")
+        if self.guided not in modes:
+            raise ValueError(f"client.guided must be one of {'|'.join(modes)}, got {self.guided!r}")
+        if self.endpoint_down_after < 1 or self.endpoint_probe_s <= 0:
+            raise ValueError("client needs endpoint_down_after >= 1 and endpoint_probe_s > 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,7 +50,7 @@ class JudgeConfig:
 
     enabled: bool = False
     on_error: str = "reject"  # "reject" (reason judge_failed) or "keep"
-    client: ClientConfig = field(default_factory=lambda: ClientConfig(max_tokens=256, guided="guided_json"))
+    client: ClientConfig = field(default_factory=lambda: ClientConfig(max_tokens=256))
 
     def __post_init__(self) -> None:
         if self.on_error not in ("reject", "keep"):
@@ -90,16 +90,10 @@ def parse_verdict(text: str) -> FilterResult:
 
 def build_judge_request(row: Mapping[str, Any], cfg: ClientConfig) -> Any:
     """A :class:`annotators.request.ChatRequest` for the judge (guided JSON as the client config says)."""
-    from annotators.request import ChatRequest
+    from annotators.request import ChatRequest, schema_fields
 
     head: dict[str, Any] = {"model": cfg.model, "temperature": 0.0, "top_p": 1.0}
-    if cfg.guided in ("guided_json", "both"):
-        head["guided_json"] = JUDGE_SCHEMA
-    if cfg.guided in ("response_format", "both"):
-        head["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "reasoning_verdict", "schema": JUDGE_SCHEMA, "strict": True},
-        }
+    head.update(schema_fields(cfg.guided, "reasoning_verdict", JUDGE_SCHEMA))
     messages = json.dumps(judge_messages(row), separators=(",", ":")).encode()
     key = hashlib.sha256(json.dumps([JUDGE_VERSION, head, messages.decode()], sort_keys=True).encode()).hexdigest()
     return ChatRequest(
@@ -111,9 +105,8 @@ def build_judge_request(row: Mapping[str, Any], cfg: ClientConfig) -> Any:
 class Judge:
     """Judges batches of rows; one event loop and one client per :meth:`judge` call."""
 
-    def __init__(self, cfg: JudgeConfig, transport: Any = None) -> None:
+    def __init__(self, cfg: JudgeConfig) -> None:
         self.cfg = cfg
-        self.transport = transport  # an httpx transport for tests; None: the network (127.0.0.1 servers)
 
     def judge(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, FilterResult]:
         """``{sample_id: True | (False, reason)}`` for every row."""
@@ -124,7 +117,7 @@ class Judge:
     async def _judge_all(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, FilterResult]:
         from annotators.client import AnnotationError, VLMClient
 
-        async with VLMClient(self.cfg.client, transport=self.transport) as client:
+        async with VLMClient(self.cfg.client) as client:
             if self.cfg.client.preflight:
                 await client.preflight()  # no server serving the model: fail now, with instructions
 

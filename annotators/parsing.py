@@ -5,7 +5,9 @@ Servers with guided decoding return the JSON object of
 fence or answer in markdown sections (``## Scene``, ``## Critical objects``,
 ``## Intent``, ``## Action`` with ``Lateral: ...`` / ``Longitudinal: ...``).
 Both give the same :class:`Reasoning`; anything else raises
-:class:`ParseError` naming what is missing.
+:class:`ParseError` naming what is missing, including an answer whose
+critical objects lack a location, behaviour or reason (the typical answer of
+a server that ignored the schema request).
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ def _from_json(obj: dict[str, Any]) -> Reasoning:
         if not isinstance(o, dict):
             raise ParseError(f"JSON answer: critical_objects[{i}] is not an object")
         parsed.append({k: str(o.get(k) or "").strip() for k in OBJECT_KEYS})
+    _require_object_parts(parsed, "JSON")
     action = obj.get("action")
     if not isinstance(action, dict):
         raise ParseError("JSON answer: 'action' is missing or not an object")
@@ -175,6 +178,20 @@ def _section_of(line: str) -> str | None:
     return None
 
 
+def _require_object_parts(objects: list[dict[str, str]], form: str) -> None:
+    """Every critical object needs all four parts: an answer with empty ones is not usable.
+
+    An unconstrained server (one that ignored the schema request) tends to answer with
+    object names only; such a row must not pass as ``ok``.
+    """
+    for i, o in enumerate(objects):
+        empty = [k for k in OBJECT_KEYS if not o.get(k)]
+        if empty:
+            raise ParseError(
+                f"{form} answer: critical object {i} ({o.get('name') or 'unnamed'!r}) has empty {empty}"
+            )
+
+
 def _from_markdown(text: str) -> Reasoning:
     sections: dict[str, list[str]] = {}
     current: str | None = None
@@ -190,9 +207,11 @@ def _from_markdown(text: str) -> Reasoning:
         raise ParseError(
             f"answer is neither JSON nor markdown with all sections; missing: {missing}"
         )
+    objects = _md_objects(sections["objects"])
+    _require_object_parts(objects, "markdown")
     return Reasoning(
         scene=_join(sections["scene"]),
-        objects=tuple(_md_objects(sections["objects"])),
+        objects=tuple(objects),
         intent=_join(sections["intent"]),
         lateral=normalize_lateral(_md_field(sections["action"], "lateral")),
         longitudinal=normalize_longitudinal(_md_field(sections["action"], "longitudinal")),
@@ -231,6 +250,9 @@ def _md_objects(lines: list[str]) -> list[dict[str, str]]:
             if paren:
                 fields["name"], fields["location"] = paren.group(1), paren.group(2)
                 fields["behaviour"] = fields["behaviour"] or paren.group(3).strip(" :-")
+        if not fields["why"] and ";" in fields["behaviour"]:  # "name (where): does X; matters as Y"
+            behaviour, why = fields["behaviour"].split(";", 1)
+            fields["behaviour"], fields["why"] = behaviour.strip(), why.strip(" .")
         out.append(fields)
     return out
 

@@ -32,18 +32,40 @@ def sampling_params(cfg: ClientConfig) -> dict[str, Any]:
     return {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
 
 
-def guided_fields(cfg: ClientConfig) -> dict[str, Any]:
-    """Extra body fields asking the server to decode the answer schema."""
-    schema = answer_json_schema()
+# How the answer schema is asked for (client.guided). Checked against the servers' own
+# request models (tests/test_annotate_request_fields.py lists their field names):
+# * "response_format" (default): the OpenAI field ``{type: json_schema, json_schema:
+#   {name, schema, strict}}``. vLLM's ChatCompletionRequest
+#   (vllm/entrypoints/openai/chat_completion/protocol.py) and SGLang's
+#   (python/sglang/srt/entrypoints/openai/protocol.py) both declare and honour it.
+# * "structured_outputs": vLLM's own field ``{"json": schema}`` (vLLM only; SGLang
+#   drops unknown fields silently, so output would NOT be constrained there).
+# * "guided_json": the field vLLM removed. Current vLLM lists it in
+#   _REMOVED_GUIDED_FIELDS and logs "Request contains the removed guided-decoding
+#   field(s) ['guided_json'], which are ignored; output will NOT be constrained";
+#   only for old vLLM servers.
+# * "both": guided_json and response_format (old and new vLLM alike); "none": nothing.
+GUIDED_MODES = ("response_format", "structured_outputs", "guided_json", "both", "none")
+
+
+def schema_fields(mode: str, name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """Top-level body fields asking the server to decode ``schema`` (see GUIDED_MODES)."""
     out: dict[str, Any] = {}
-    if cfg.guided in ("guided_json", "both"):
-        out["guided_json"] = schema  # vLLM extra body; SGLang accepts response_format
-    if cfg.guided in ("response_format", "both"):
+    if mode in ("guided_json", "both"):
+        out["guided_json"] = schema
+    if mode in ("response_format", "both"):
         out["response_format"] = {
             "type": "json_schema",
-            "json_schema": {"name": "driving_reasoning", "schema": schema, "strict": True},
+            "json_schema": {"name": name, "schema": schema, "strict": True},
         }
+    if mode == "structured_outputs":
+        out["structured_outputs"] = {"json": schema}
     return out
+
+
+def guided_fields(cfg: ClientConfig) -> dict[str, Any]:
+    """Body fields asking the server to decode the answer schema."""
+    return schema_fields(cfg.guided, "driving_reasoning", answer_json_schema())
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,16 @@ hash, so a run's fault pattern does not depend on timing, or scripted per key:
 * ``capacity``: requests beyond this many in flight get 429 (an overloaded
   server, for the AIMD tests).
 
+Like vLLM and SGLang, the body is validated as JSON and unknown top-level
+fields are ignored, not rejected (vLLM's request model allows extra fields
+and only logs them; SGLang's drops them); :attr:`RequestRecord.ignored`
+lists them. Only a schema request the real servers honour constrains the
+answer: ``response_format`` ``{type: json_schema, json_schema: {schema}}``
+or vLLM's ``structured_outputs: {json: schema}``. Without one (e.g. only the
+removed ``guided_json``) the answer is unconstrained: by default markdown
+whose critical objects are bare names (``unconstrained_answer``), which the
+parser must reject.
+
 Every chat request is logged (:attr:`FakeVLMServer.log`) with its request key
 (``X-Request-Key`` header), attempt, fault and status. Run in a background
 thread (:meth:`FakeVLMServer.start`) or as a process for the benchmark::
@@ -31,12 +41,28 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-_HINT = re.compile(rb'lateral = \\"([^\\"]+)\\"; longitudinal = \\"([^\\"]+)\\"')
-_MAX_TOKENS = re.compile(rb'"max_tokens":\s*(\d+)')
-_MODEL = re.compile(rb'"model":\s*"([^"]*)"')
+_HINT = re.compile(r'lateral = "([^"]+)"; longitudinal = "([^"]+)"')
+
+try:  # the bench's server must not be the bottleneck: parse bodies fast where orjson exists
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover - same result, more CPU
+    _loads = json.loads
+
+
+def _texts(body: dict[str, Any]) -> list[str]:
+    """The text parts of the messages, in order (images skipped)."""
+    out = []
+    for m in body.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out += [c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text"]
+    return out
 _REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
             500: "Internal Server Error", 503: "Service Unavailable"}  # fmt: skip
 FAULTS = (
@@ -67,7 +93,11 @@ class FaultConfig:
     p_malformed_content: float = 0.0
     p_length: float = 0.0
     capacity: int | None = None
-    answer_format: str = "json"  # or "markdown"
+    # What an unconstrained request gets: "names_only" (markdown, objects without
+    # location/behaviour/why), "markdown" (all sections filled) or "json".
+    unconstrained_answer: str = "names_only"
+    always_status: int | None = None  # answer every request with this status (a dead server)
+    echo_key_error: bool = False  # 401s quote the received key, padded to every offset
     model: str = "test-model"
     api_key: str | None = None  # when set, requests must carry "Authorization: Bearer <key>"
     seed: int = 0
@@ -99,6 +129,30 @@ class RequestRecord:
     status: int
     max_tokens: int
     t: float
+    constrained: bool = False  # the request asked for the schema in a way servers honour
+    ignored: tuple[str, ...] = ()  # unknown top-level fields (ignored, as real servers do)
+
+
+# Top-level request fields this server understands; the rest are ignored like vLLM/SGLang do.
+KNOWN_FIELDS = frozenset(
+    {"messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
+     "stream", "seed", "stop", "response_format", "structured_outputs"}
+)  # fmt: skip
+
+
+def schema_requested(body: dict[str, Any]) -> bool | str:
+    """True if ``body`` asks for a JSON schema the real servers honour; an error text if malformed."""
+    rf = body.get("response_format")
+    if rf is not None:
+        if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+            return "response_format.type must be text, json_object or json_schema"
+        if rf["type"] == "json_schema":
+            js = rf.get("json_schema")
+            if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+                return "response_format.json_schema.schema must be an object"
+            return True
+    so = body.get("structured_outputs")
+    return isinstance(so, dict) and isinstance(so.get("json"), (dict, str))
 
 
 def make_answer(key: str, lateral: str, longitudinal: str, fmt: str = "json") -> str:
@@ -114,10 +168,12 @@ def make_answer(key: str, lateral: str, longitudinal: str, fmt: str = "json") ->
     intent = (
         f"Given the route and traffic the ego vehicle should {lateral} with {longitudinal} ({tag})."
     )
-    if fmt == "markdown":
+    if fmt in ("markdown", "names_only"):
         lines = ["## Scene", scene, "", "## Critical objects"]
         lines += [
-            f"- {o['name']} (location: {o['location']}); behaviour: {o['behaviour']}; why: {o['why']}"
+            f"- {o['name']}"
+            if fmt == "names_only"
+            else f"- {o['name']} (location: {o['location']}); behaviour: {o['behaviour']}; why: {o['why']}"
             for o in objs
         ]
         lines += [
@@ -139,14 +195,22 @@ class FakeVLMServer:
     """The server; ``with FakeVLMServer(FaultConfig(...)) as srv: srv.base_url``."""
 
     def __init__(
-        self, faults: FaultConfig | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        faults: FaultConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        responder: Callable[[dict[str, Any]], tuple[int, dict[str, Any]]] | None = None,
     ) -> None:
         self.faults = faults or FaultConfig()
+        # Answers chat requests instead of the built-in annotator: body -> (status, JSON reply).
+        self.responder = responder
         self.host, self.port = host, port
         self.log: list[RequestRecord] = []
         self.in_flight = 0
         self.max_in_flight_seen = 0
         self._attempts: dict[str, int] = {}
+        self._echoed = 0
+        self.proxied = 0  # requests received in proxy (absolute-URI) form
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -231,6 +295,9 @@ class FakeVLMServer:
                         headers[k.strip().lower()] = v.strip()
                 n = int(headers.get("content-length", "0"))
                 body = await reader.readexactly(n) if n else b""
+                if path.startswith(("http://", "https://")):  # absolute form: we are the proxy
+                    self.proxied += 1
+                    path = "/" + path.split("://", 1)[1].split("/", 1)[-1]
                 status, extra, payload = await self._route(method, path, headers, body)
                 if status < 0:  # malformed body: promise more bytes than sent, then close
                     writer.write(self._response(200, {}, payload, length=len(payload) + 50))
@@ -259,6 +326,14 @@ class FakeVLMServer:
         self, method: str, path: str, headers: dict[str, str], body: bytes
     ) -> tuple[int, dict[str, str], bytes]:
         f = self.faults
+        if f.echo_key_error and method == "POST":
+            # Some servers quote the received key in their error text; pad it to every offset.
+            got = headers.get("authorization", "").removeprefix("Bearer ")
+            n, self._echoed = self._echoed, self._echoed + 1
+            msg = "x" * (n % 300) + f"Incorrect API key provided: {got}. Check your key."
+            self.log.append(RequestRecord(headers.get("x-request-key", ""), 1, "echo",
+                                          f.always_status or 401, 0, time.monotonic()))  # fmt: skip
+            return f.always_status or 401, {}, json.dumps({"error": {"message": msg}}).encode()
         if f.api_key is not None and headers.get("authorization") != f"Bearer {f.api_key}":
             return 401, {}, b'{"error": {"message": "invalid api key"}}'
         if method == "GET" and path.rstrip("/") == "/v1/models":
@@ -277,29 +352,50 @@ class FakeVLMServer:
         return 404, {}, b'{"error": {"message": "not found"}}'
 
     async def _chat(
-        self, headers: dict[str, str], body: bytes
+        self, headers: dict[str, str], raw: bytes
     ) -> tuple[int, dict[str, str], bytes]:
         f = self.faults
-        key = headers.get("x-request-key") or hashlib.sha256(body).hexdigest()
+        key = headers.get("x-request-key") or hashlib.sha256(raw).hexdigest()
         attempt = self._attempts[key] = self._attempts.get(key, 0) + 1
-        m = _MAX_TOKENS.search(body)
-        max_tokens = int(m.group(1)) if m else 0
+        try:
+            body = _loads(raw)
+            if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+                raise ValueError("body must be an object with a messages list")
+        except ValueError as exc:
+            self.log.append(RequestRecord(key, attempt, "invalid", 400, 0, time.monotonic()))
+            return 400, {}, json.dumps({"error": {"message": f"invalid request: {exc}"}}).encode()
+        if self.responder is not None:
+            self.log.append(RequestRecord(key, attempt, "responder", 0, 0, time.monotonic()))
+            status, reply = self.responder(body)
+            return status, {}, json.dumps(reply).encode()
+        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 0)
+        constrained = schema_requested(body)
+        ignored = tuple(sorted(set(body) - KNOWN_FIELDS))
         fault = (
             "429"
             if f.capacity is not None and self.in_flight > f.capacity
             else f.draw(key, attempt)
         )
+        if f.always_status is not None:
+            fault = str(f.always_status)
         status = {"429": 429, "500": 500, "503": 503, "context": 400}.get(fault, 200)
-        self.log.append(RequestRecord(key, attempt, fault, status, max_tokens, time.monotonic()))
-        model = _MODEL.search(body)
-        if model and model.group(1).decode() != f.model:
+        if isinstance(constrained, str):
+            fault, status = "invalid", 400
+        if f.always_status is not None:
+            status = f.always_status
+        self.log.append(RequestRecord(key, attempt, fault, status, max_tokens, time.monotonic(),
+                                      constrained is True, ignored))  # fmt: skip
+        if isinstance(constrained, str):
+            return 400, {}, json.dumps({"error": {"message": constrained}}).encode()
+        model = body.get("model")
+        if model != f.model:
             return (
                 404,
                 {},
-                json.dumps(
-                    {"error": {"message": f"model {model.group(1).decode()!r} not served"}}
-                ).encode(),
+                json.dumps({"error": {"message": f"model {model!r} not served"}}).encode(),
             )
+        if f.always_status is not None:
+            return f.always_status, {}, b'{"error": {"message": "unavailable"}}'
         if fault == "429":
             extra = {} if f.retry_after_s is None else {"Retry-After": f"{f.retry_after_s:g}"}
             return 429, extra, b'{"error": {"message": "rate limited"}}'
@@ -312,11 +408,11 @@ class FakeVLMServer:
         await asyncio.sleep({"hang": f.hang_s, "slow": f.slow_s}.get(fault, f.latency_s))
         if status != 200:
             return status, {}, b'{"error": {"message": "server error"}}'
-        hints = _HINT.findall(body)
+        hints = [h for t in _texts(body) for h in _HINT.findall(t)]
         if not hints:
             return 400, {}, b'{"error": {"message": "no hint in prompt"}}'
-        lat, lon = (h.decode() for h in hints[-1])  # the last one: few-shot examples come first
-        content = make_answer(key, lat, lon, f.answer_format)
+        lat, lon = hints[-1]  # the last one: few-shot examples come first
+        content = make_answer(key, lat, lon, "json" if constrained else f.unconstrained_answer)
         finish = "stop"
         if fault == "malformed_content":
             content = content[: len(content) // 2]
@@ -327,8 +423,8 @@ class FakeVLMServer:
             "object": "chat.completion",
             "model": f.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": len(body) // 4, "completion_tokens": len(content) // 4,
-                      "total_tokens": len(body) // 4 + len(content) // 4},
+            "usage": {"prompt_tokens": len(raw) // 4, "completion_tokens": len(content) // 4,
+                      "total_tokens": len(raw) // 4 + len(content) // 4},
         }  # fmt: skip
         payload = json.dumps(resp).encode()
         if fault == "malformed_body":

@@ -9,7 +9,11 @@ separate process so its CPU is not counted; the client's CPU is
 ``image_encoding_ms_per_request``). Baseline in the same run: a sequential
 one-request-at-a-time client (the reference's batch-size-1 loop).
 
-    python bench/annotate.py [--latency 1.0] [--waves 4] [--in-flight 64 256] [--transport fast|httpx]
+The client's transport is aiohttp (``aiohttp.ClientSession``); ``--compare-httpx``
+also measures a plain httpx client sending the same bodies at the same concurrency
+(no AIMD, no parsing: a lower bound on httpx's cost), the reason for the choice.
+
+    python bench/annotate.py [--latency 1.0] [--waves 4] [--in-flight 64 256]
 
 Prints one JSON line.
 """
@@ -26,6 +30,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import aiohttp
 
 from annotators.client import VLMClient
 from annotators.config import ClientConfig, PromptConfig
@@ -96,18 +102,48 @@ async def run_concurrent(base: list[ChatRequest], n: int, cfg: ClientConfig) -> 
     return {"n": len(timed), "wall_s": wall, "cpu_s": cpu, "errors": errors}
 
 
+async def run_plain_httpx(base: list[ChatRequest], url: str, c: int, n: int) -> dict[str, float]:
+    """A bare httpx client (pools of 4 connections, as httpcore's pool scales badly beyond
+    that) posting the same bodies at concurrency ``c``: what httpx costs, for comparison."""
+    import httpx
+
+    pools = [
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=4, max_keepalive_connections=4), timeout=None)
+        for _ in range(-(-c // 4))
+    ]
+    free = [p for _ in range(4) for p in pools]
+    sem = asyncio.Semaphore(c)
+
+    async def one(i: int) -> None:
+        async with sem:
+            http = free.pop()
+            try:
+                r = await http.post(f"{url}/chat/completions", content=base[i % len(base)].body(),
+                                    headers={"Content-Type": "application/json", "X-Request-Key": f"h{i}"})  # fmt: skip
+                parse_answer(r.json()["choices"][0]["message"]["content"])
+            finally:
+                free.append(http)
+
+    await asyncio.gather(*(one(i) for i in range(c)))  # warm-up wave
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(c, c + n)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    for p in pools:
+        await p.aclose()
+    return {"n": n, "wall_s": wall, "cpu_s": cpu}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--latency", type=float, default=1.0, help="server latency per request, s")
-    ap.add_argument(
-        "--transport", choices=("fast", "httpx"), default="fast", help="client.transport to measure"
-    )
     ap.add_argument("--in-flight", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--waves", type=int, default=4, help="timed requests = waves x in_flight")
     ap.add_argument("--image-size", default="160x90", help="WxH of each of the 16 prompt frames")
     ap.add_argument("--baseline-requests", type=int, default=8)
+    ap.add_argument("--compare-httpx", action="store_true",
+                    help="also measure a bare httpx client at the largest --in-flight (if httpx is installed)")  # fmt: skip
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     width, height = (int(v) for v in args.image_size.split("x"))
@@ -116,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = []
         # The shipped client defaults (AIMD on, latency tolerance on); no retries so errors show.
-        base_cfg = ClientConfig(
-            endpoints=(url,), model=MODEL, max_attempts=1, transport=args.transport
-        )
+        base_cfg = ClientConfig(endpoints=(url,), model=MODEL, max_attempts=1)
         reqs, enc_s = prepare(16, width, height, base_cfg)
         for c in args.in_flight:
             cfg = dataclasses.replace(base_cfg, max_in_flight=c)
@@ -141,6 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                     "server_cpu_ms_per_request": round(1e3 * srv_cpu / (r["n"] + c), 3),
                 }
             )
+        httpx_run = None
+        if args.compare_httpx:
+            c = args.in_flight[-1]
+            h = asyncio.run(run_plain_httpx(reqs, url, c, c * args.waves))
+            httpx_run = {
+                "in_flight": c,
+                "efficiency": round(h["n"] / h["wall_s"] / (c / args.latency), 3),
+                "client_cpu_ms_per_request": round(1e3 * h["cpu_s"] / h["n"], 3),
+            }
         seq_cfg = dataclasses.replace(base_cfg, max_in_flight=1)
         b = asyncio.run(run_concurrent(reqs, args.baseline_requests + 1, seq_cfg))
     finally:
@@ -155,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         "baseline_requests_per_s": round(b["n"] / b["wall_s"], 2),
         "speedup_vs_baseline": round(top["requests_per_s"] / (b["n"] / b["wall_s"]), 1),
         "latency_s": args.latency,
-        "transport": args.transport,
+        "transport": f"aiohttp {aiohttp.__version__}",
         "image_encoding_ms_per_request": round(1e3 * enc_s, 3),
         "body_kib": round(len(reqs[0].body()) / 1024, 1),
         "runs": runs,
+        **({"bare_httpx_client": httpx_run} if httpx_run else {}),
         "targets": {"efficiency_at_256": 0.9, "client_cpu_ms_per_request": 2.0},
     }
     print(json.dumps(out))

@@ -13,6 +13,8 @@ import importlib
 import logging
 import sys
 
+from pipelines.commands.common import help_formatter
+
 COMMANDS = ("generate", "extract", "codebook", "tokenize", "annotate", "build", "push", "demo")
 
 
@@ -38,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         for added in set(sub.choices) - before:  # route each new subcommand to its module's run()
             if sub.choices[added].get_default("func") is None:
                 sub.choices[added].set_defaults(func=module.run)
+            # each default stated once, no absolute checkout paths (pipelines.commands.common)
+            sub.choices[added].formatter_class = help_formatter(sub.choices[added].formatter_class)
     return parser
 
 

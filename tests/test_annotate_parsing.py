@@ -44,7 +44,7 @@ A wet two-lane road at night.
 
 **Critical objects:**
 1. Cyclist (front camera, right part): riding along the kerb; may swerve.
-2. Bus - behaviour: pulling out; why: blocks the lane
+2. Bus - location: front left camera; behaviour: pulling out; why: blocks the lane
 
 **Reasoning:**
 The ego vehicle should pass the cyclist with care.
@@ -83,6 +83,19 @@ The ego vehicle should pass the cyclist with care.
             }
         ),
         "## Scene\nA road.\n## Intent\nGo.",  # sections missing
+        # critical objects with empty parts: what an unconstrained server answers (issue 13)
+        "## Scene\nA road.\n## Critical objects\n- grey car\n- pedestrian\n## Intent\nGo on.\n"
+        "## Action\nLateral: move forward\nLongitudinal: constant speed",
+        "## Scene\nA road.\n## Critical objects\n- Bus - behaviour: pulling out; why: blocks the lane\n"
+        "## Intent\nGo on.\n## Action\nLateral: move forward\nLongitudinal: constant speed",
+        json.dumps(
+            {
+                "scene": "x",
+                "critical_objects": [{"name": "a", "location": "", "behaviour": "", "why": ""}],
+                "intent": "y",
+                "action": {"lateral": "turn left", "longitudinal": "stop"},
+            }
+        ),
         "I cannot help with that.",
     ],
 )

@@ -80,7 +80,10 @@ def test_request_key_and_body(row):
     assert request_key(p2, cfg) != key
     req = build_chat_request(p, cfg)
     body = json.loads(req.body(2048))
-    assert body["max_tokens"] == 2048 and body["model"] == "m" and "guided_json" in body
+    assert body["max_tokens"] == 2048 and body["model"] == "m" and "guided_json" not in body
+    rf = body["response_format"]  # the default: honoured by current vLLM and SGLang
+    assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
+    assert rf["json_schema"]["schema"]["required"] == ["scene", "critical_objects", "intent", "action"]
     urls = [
         c["image_url"]["url"] for c in body["messages"][1]["content"] if c["type"] == "image_url"
     ]

@@ -214,3 +214,83 @@ def test_ray_engine(tmp_path, ray_session, engine):
     assert Counter(
         read_table(tmp_path / "out", columns=["annotation_status"]).column(0).to_pylist()
     ) == {"ok": 12}
+
+
+def _keys_of(in_dir: Path, cfg: AnnotateConfig) -> dict[str, str]:
+    from annotators.prompts import build_prompt
+    from annotators.request import request_key
+
+    rows = read_table(in_dir).to_pylist()
+    return {r["sample_id"]: request_key(build_prompt(r, cfg.prompt), cfg.client) for r in rows}
+
+
+def test_plain_rerun_resends_failures_in_finished_partitions(tmp_path, capsys):
+    """Issue 13 item 3 (and 5: the summary counts failed annotations)."""
+    from pipelines.cli import main
+
+    in_dir = write_extract(tmp_path, 12, 4)  # 3 partitions
+    out = tmp_path / "annotate" / "nuscenes"
+    with FakeVLMServer(FaultConfig(model=MODEL, latency_s=0.01)) as srv:
+        keys = _keys_of(in_dir, vlm_config(srv.base_url))
+        sids = sorted(keys)
+        bad = {keys[sids[0]], keys[sids[5]]}  # in partitions p000 and p001
+        srv.set_faults(script={k: ("500",) * 10 for k in bad})
+        args = ["annotate", "--dataset", "nuscenes", "--data", str(tmp_path), "--endpoint", srv.base_url,
+                "--model", MODEL, "--slow-fraction", "1.0", "--engine", "local", "--no-progress",
+                "--set", "client.backoff_base_s=0.01", "--set", "client.max_attempts=2"]  # fmt: skip
+        assert main(args) == 1  # work is missing: failed annotations
+        printed = capsys.readouterr().out
+        assert "annotations: 10 ok, 2 failed" in printed and "annotation failed  ServerError" in printed
+        first = Counter(srv.keys())
+        untouched = (out / "_done" / "p002-00000.json").stat().st_mtime_ns
+        srv.set_faults(script={})
+        assert main(args) == 0  # a plain rerun, no --overwrite
+        second = Counter(srv.keys()) - first
+        assert "annotations: 12 ok, 0 failed" in capsys.readouterr().out
+    assert all(first[k] == 2 for k in bad) and len(first) == 12
+    assert second == Counter({k: 1 for k in bad})  # exactly the failed requests, once each
+    t = read_table(out).to_pylist()
+    assert len(t) == 12 and {r["annotation_status"] for r in t} == {"ok"}
+    assert len({r["sample_id"] for r in t}) == 12
+    assert (out / "_done" / "p002-00000.json").stat().st_mtime_ns == untouched  # not rewritten
+
+
+def test_two_processes_on_one_output(tmp_path):
+    """Issue 13 item 2: two annotate runs at once on one output; one is refused clearly, the
+    other does all the work, and no request is paid for twice."""
+    write_extract(tmp_path, 24, 6)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with FakeVLMServer(FaultConfig(model=MODEL, latency_s=0.15)) as srv:
+        cmd = _cli(tmp_path, srv.base_url, "--max-in-flight", "2")
+        procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]  # fmt: skip
+        res = [(p.wait(180), *p.communicate()) for p in procs]
+        sent = Counter(srv.keys())
+    codes = sorted(r[0] for r in res)
+    assert codes == [0, 2], [r[2][-1500:] for r in res]
+    refused = next(r for r in res if r[0] == 2)
+    assert "another annotate run is writing to" in refused[2] and "pid" in refused[2]
+    assert len(sent) == 24 and set(sent.values()) == {1}
+    t = read_table(tmp_path / "annotate" / "nuscenes").to_pylist()
+    assert len(t) == 24 and {r["annotation_status"] for r in t} == {"ok"}
+
+
+@pytest.mark.parametrize(("guided", "want_ok"), [("response_format", True), ("guided_json", False)])
+def test_server_ignoring_unknown_fields(tmp_path, guided, want_ok):
+    """Issue 13 item 1: like vLLM and SGLang, the test server ignores unknown fields; only a
+    schema request they honour constrains the answer, and unconstrained answers (objects
+    without location/behaviour/why) must not pass as ok."""
+    in_dir = write_extract(tmp_path, 8, 8)
+    with FakeVLMServer(FaultConfig(model=MODEL, latency_s=0.01)) as srv:
+        stage = AnnotateStage(in_dir, vlm_config(srv.base_url, guided=guided), tmp_path / "out", progress=False)
+        run_stage(stage, tmp_path / "out", engine="local", progress=False)
+        log = list(srv.log)
+    t = read_table(tmp_path / "out").to_pylist()
+    status = Counter(r["annotation_status"] for r in t)
+    if want_ok:
+        assert status == {"ok": 8} and all(r.constrained and not r.ignored for r in log)
+        assert all(o["location"] and o["behaviour"] and o["why"] for r in t for o in r["reasoning_objects"])
+    else:
+        assert status == {"failed": 8} and all(r.ignored == ("guided_json",) for r in log)
+        assert {r["annotation_error"].split(":")[0] for r in t} == {"MalformedAnswer"}
+        assert all("empty ['location', 'behaviour', 'why']" in r["annotation_error"] for r in t)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pyarrow as pa
 import pytest
 
@@ -152,25 +151,26 @@ def test_filter_stage_keeps_reasons_and_counts(tmp_path):
     assert all(p.skipped for p in again.partitions)
 
 
-def _judge_transport(seen):
-    def handler(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
+def _judge_responder(seen):
+    def handler(body: dict) -> tuple[int, dict]:
         seen.append(body)
-        assert "guided_json" in body and body["messages"][0]["role"] == "system"
+        assert "response_format" in body and body["messages"][0]["role"] == "system"
         text = body["messages"][1]["content"]
         verdict = {"verdict": "fail", "reason": "generic filler"} if "junction number 1 " in text else {
             "verdict": "pass", "reason": "fine"}
-        return httpx.Response(200, json={"choices": [{"message": {"content": json.dumps(verdict)},
-                                                      "finish_reason": "stop"}],
-                                         "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
+        return 200, {"choices": [{"message": {"content": json.dumps(verdict)}, "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
 
-    return httpx.MockTransport(handler)
+    return handler
 
 
 def test_judge_through_the_annotator_client():
+    from annotators.testserver import FakeVLMServer
+
     seen: list = []
-    cfg = JudgeConfig(enabled=True, client=ClientConfig(endpoints=("http://judge.test/v1",), preflight=False))
-    out = Judge(cfg, transport=_judge_transport(seen)).judge([good_row(0), good_row(1)])
+    with FakeVLMServer(responder=_judge_responder(seen)) as srv:
+        cfg = JudgeConfig(enabled=True, client=ClientConfig(endpoints=(srv.base_url,), preflight=False))
+        out = Judge(cfg).judge([good_row(0), good_row(1)])
     assert out == {"nuscenes/scene-0/0": True, "nuscenes/scene-0/1": (False, "judge: generic filler")}
     assert len(seen) == 2
     with pytest.raises(Exception, match="not JSON"):
@@ -178,11 +178,11 @@ def test_judge_through_the_annotator_client():
 
 
 def test_judge_failure_is_a_reason_not_a_pass():
-    def down(request):
-        return httpx.Response(404, text="no such model")
+    from annotators.testserver import FakeVLMServer
 
-    cfg = JudgeConfig(enabled=True, client=ClientConfig(endpoints=("http://judge.test/v1",), preflight=False))
-    out = Judge(cfg, transport=httpx.MockTransport(down)).judge([good_row(0)])
+    with FakeVLMServer(responder=lambda body: (404, {"error": {"message": "no such model"}})) as srv:
+        cfg = JudgeConfig(enabled=True, client=ClientConfig(endpoints=(srv.base_url,), preflight=False))
+        out = Judge(cfg).judge([good_row(0)])
     assert out == {"nuscenes/scene-0/0": (False, "judge_failed: NotFound")}
 
 

@@ -58,14 +58,17 @@ def s3(sample_data):
         for k, v in env.items():
             mp.setenv(k, v)
         import fsspec
+        import s3fs as s3fs_mod
 
-        fsspec.filesystem("s3").invalidate_cache()
+        # instances are cached with the endpoint they were made with (another test's server)
+        s3fs_mod.S3FileSystem.clear_instance_cache()
         s3fs = fsspec.filesystem("s3", skip_instance_cache=True)
         s3fs.mkdir(BUCKET)
         for ds in ("waymo_e2e", "nuplan"):
             s3fs.put(str(getattr(sample_data, ds)) + "/", f"{BUCKET}/input/{ds}/", recursive=True)
         yield {"env": env, "input": f"s3://{BUCKET}/input/waymo_e2e", "data": f"s3://{BUCKET}/data"}
     server.stop()
+    s3fs_mod.S3FileSystem.clear_instance_cache()
 
 
 def _steps(data: str) -> list[list[str]]:

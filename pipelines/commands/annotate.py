@@ -13,7 +13,6 @@ from pipelines.commands.common import (
     add_set_arg,
     as_path,
     check_inputs,
-    exit_code,
     run_with_engine,
 )
 from pipelines.config import ConfigError, dump_config, load_config
@@ -43,8 +42,17 @@ Annotators:
   rules  deterministic reasoning from labels and trajectories; no server needed. Only used when
          asked for.
 
-Resumable: every answer is committed to DATA/annotate/DATASET/_cache/ before it counts; a rerun
-sends only requests that are missing or failed, and skips finished input shards.
+Resumable: every answer is committed to DATA/annotate/DATASET/_cache/ before it counts. A rerun
+of the same command sends exactly the requests that are missing or failed (retry_failed), rewrites
+the input shards that held failures and skips the other finished ones. One run per output at a
+time: a second run on the same output (also from another machine) is refused while the first
+holds DATA/annotate/DATASET/_lease/.
+
+Exit status: 0 when done; 1 when a partition crashed or annotations failed (other than prompts
+too long for the model or impossible to build, which are recorded for the filter stage); 2 for
+bad input, no server or refused key, or an output another run is writing.
+The output schema is requested with response_format json_schema (client.guided), which current
+vLLM and SGLang honour.
 """
 
 
@@ -211,9 +219,17 @@ def dry_run(stage, n_show: int, limit: int | None) -> int:  # noqa: ANN001 - Ann
     return 0
 
 
+# Failures that belong to the sample itself (its prompt is too long or cannot be built):
+# recorded in the rows and left to the filter stage. Any other failed annotation (429, 5xx,
+# timeouts, an unusable answer, a refused key, ...) means work is missing: exit status 1,
+# and a rerun of the same command resends exactly those requests.
+SAMPLE_ERRORS = frozenset({"ContextTooLong", "PromptError"})
+
+
 def run(args: argparse.Namespace) -> int:
     from annotators.client import PreflightError
     from annotators.config import AnnotateConfig
+    from annotators.lease import LEASE_DIR, LeaseHeld, OutputLease
     from pipelines.stages.annotate import CACHE_DIR, AnnotateStage
 
     try:
@@ -230,34 +246,89 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.dry_run:
         return dry_run(stage, args.show, args.limit)
-    if args.overwrite and out.exists():
-        for child in out.iterdir():
-            if child.name != CACHE_DIR:
-                fs.remove_tree(child) if child.is_dir() else child.unlink()
     fs.makedirs(out)
-    dump_config(cfg, out / "config.yaml")  # holds the key's env var name, never the key
-    try:
-        stage.preflight()  # in the driver, so a missing server is reported before any worker starts
-        summary = run_with_engine(stage, out, args)
-    except PreflightError as exc:
+    try:  # one writer per output, also across machines sharing the file system or bucket
+        lease = OutputLease(str(out)).acquire()
+    except LeaseHeld as exc:
         log.error("%s", exc)
         return 2
-    print(annotation_summary(out))
-    return exit_code(summary)
+    try:
+        if args.overwrite:
+            for child in out.iterdir():
+                if child.name not in (CACHE_DIR, LEASE_DIR):
+                    fs.remove_tree(child) if child.is_dir() else child.unlink()
+        else:
+            reopened = stage.reopen_failed(out)
+            if reopened:
+                log.info(
+                    "resending %d failed requests of %d finished partitions (%s); "
+                    "their other rows come from the cache",
+                    sum(reopened.values()), len(reopened), ", ".join(sorted(reopened)),
+                )  # fmt: skip
+        dump_config(cfg, out / "config.yaml")  # holds the key's env var name, never the key
+        try:
+            stage.preflight()  # in the driver: a missing server is reported before any worker starts
+            summary = run_with_engine(stage, out, args)
+        except PreflightError as exc:
+            log.error("%s", exc)
+            return 2
+    finally:
+        lease.release()
+    counts = annotation_counts(out)
+    print(format_summary(summary, counts))
+    if counts["errors"].get("MalformedAnswer") and cfg.client.guided != "response_format":
+        log.warning(
+            "%d answers were unusable with client.guided=%s: servers that do not know that field "
+            "ignore it and answer unconstrained (current vLLM ignores guided_json, SGLang ignores "
+            "structured_outputs); client.guided=response_format is honoured by both",
+            counts["errors"]["MalformedAnswer"], cfg.client.guided,
+        )  # fmt: skip
+    missing = {k: v for k, v in counts["errors"].items() if k not in SAMPLE_ERRORS}
+    if missing:
+        log.error(
+            "%d annotations failed (%s); run the same command again to resend exactly those requests",
+            sum(missing.values()), ", ".join(f"{k}: {v}" for k, v in sorted(missing.items())),
+        )  # fmt: skip
+        return 1
+    return 0 if summary.ok else 1
+
+
+def annotation_counts(out: Path) -> dict[str, Counter[str]]:
+    """Rows by think mode, annotation status and error class over the output shards."""
+    from pipelines.core.shards import iter_rows, list_shards
+
+    c: dict[str, Counter[str]] = {"modes": Counter(), "status": Counter(), "errors": Counter()}
+    if not list_shards(out):
+        return c
+    for r in iter_rows(out, columns=["think_mode", "annotation_status", "annotation_error"]):
+        c["modes"][r["think_mode"]] += 1
+        c["status"][r["annotation_status"]] += 1
+        if r["annotation_error"]:
+            c["errors"][r["annotation_error"].split(":", 1)[0]] += 1
+    return c
+
+
+def format_summary(summary, counts: dict[str, Counter[str]]) -> str:  # noqa: ANN001 - RunSummary
+    """The runner's stage summary with the annotation outcomes added (failed annotations are
+    written rows, so the runner's own "failed" count, of samples not written, does not see them)."""
+    head, _, rest = summary.format().partition("\n")
+    st = counts["status"]
+    head += (
+        f"; annotations: {st.get('ok', 0)} ok, {st.get('failed', 0)} failed, "
+        f"{st.get('skipped_fast', 0)} skipped (fast thinking)"
+    )
+    lines = [head] + ([rest] if rest else [])
+    lines += [f"  annotation failed  {cls:<26} {n}" for cls, n in sorted(counts["errors"].items())]
+    lines.append(f"  think modes {dict(counts['modes'])}")
+    return "\n".join(lines)
 
 
 def annotation_summary(out: Path) -> str:
     """Counts by think mode, annotation status and error class over the output shards."""
-    from pipelines.core.shards import iter_rows, list_shards
-
-    if not list_shards(out):
+    c = annotation_counts(out)
+    if not c["status"]:
         return "annotate: no output rows"
-    modes: Counter[str] = Counter()
-    status: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    for r in iter_rows(out, columns=["think_mode", "annotation_status", "annotation_error"]):
-        modes[r["think_mode"]] += 1
-        status[r["annotation_status"]] += 1
-        if r["annotation_error"]:
-            errors[r["annotation_error"].split(":", 1)[0]] += 1
-    return f"annotate: think modes {dict(modes)}; status {dict(status)}; errors {dict(errors) or 'none'}"
+    return (
+        f"annotate: think modes {dict(c['modes'])}; status {dict(c['status'])}; "
+        f"errors {dict(c['errors']) or 'none'}"
+    )

@@ -8,6 +8,7 @@ paths stay :class:`pathlib.Path`, ``s3://`` / ``gs://`` URLs keep their scheme
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 from collections.abc import Iterable
@@ -55,6 +56,35 @@ def add_engine_args(parser: argparse.ArgumentParser, default: str = "ray") -> No
     )
 
 
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def help_formatter(base: type[argparse.HelpFormatter]) -> type[argparse.HelpFormatter]:
+    """``base`` with help texts that state each default once and show checkout paths relative.
+
+    ``ArgumentDefaultsHelpFormatter`` appends "(default: X)" even where the help already
+    says what the default is, and prints defaults like ``configs/x.yaml`` as absolute paths
+    of wherever the code is installed.
+    """
+
+    class Formatter(base):  # type: ignore[misc, valid-type]
+        def _get_help_string(self, action: argparse.Action) -> str | None:
+            text = action.help or ""
+            if "default" in text.lower() or action.default in (None, False, [], "", argparse.SUPPRESS):
+                return text
+            return super()._get_help_string(action)
+
+        def _expand_help(self, action: argparse.Action) -> str:
+            d = action.default
+            if isinstance(d, Path) and d.is_absolute() and d.is_relative_to(_CHECKOUT):
+                action = copy.copy(action)
+                action.default = d.relative_to(_CHECKOUT)
+            return super()._expand_help(action)
+
+    Formatter.__name__ = f"Plain{base.__name__}"
+    return Formatter
+
+
 def add_set_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
@@ -62,7 +92,7 @@ def add_set_arg(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set images.max_pixels=200704 (repeatable)",
+        help="override a config key, e.g. --set image.max_pixels=200704 (repeatable)",
     )
 
 

@@ -12,7 +12,10 @@ ray``) makes one event loop and one :class:`~annotators.client.VLMClient` in
 that loop. Resume: results are committed to an append-only cache per
 partition (``<cache_dir>/<partition>/``) before they count, so a rerun after a
 crash re-sends only what is missing; finished partitions are skipped by the
-runner's completion markers.
+runner's completion markers, except those holding failed annotations:
+:meth:`AnnotateStage.reopen_failed` (called by the command before a run, with
+``retry_failed``) removes their markers, so the rerun resends exactly the
+failed requests (the rest come from the cache) and rewrites those partitions.
 
 With ``selection.mode: fraction`` the slow/fast cutoff is fitted once over the
 label columns of every input shard (no images) when the stage is built, so
@@ -22,11 +25,14 @@ the decision is the same whatever the partitioning or engine.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from annotators.client import VLMClient
 from annotators.config import AnnotateConfig
@@ -34,9 +40,9 @@ from annotators.runner import PartitionAnnotator
 from annotators.schema import annotation_schema
 from annotators.selection import SELECTION_COLUMNS, Cutoff, fit_cutoff, score_complexity
 from pipelines.config import to_dict
-from pipelines.core.shards import list_shards, read_parquet
+from pipelines.core.shards import DONE_DIR, SHARD_DIR, list_shards, read_parquet
 from pipelines.core.stage import Drop, Outcome, Partition, Stage
-from pipelines.io.fs import as_path, parquet_file
+from pipelines.io.fs import as_path, parquet_file, url_to_fs
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "_cache"
@@ -115,6 +121,42 @@ class AnnotateStage(Stage):
                 left -= take
             parts.append(Partition(p.stem, {"shard": str(p), "take": take}))
         return parts
+
+    def reopen_failed(self, out_dir: str | Path) -> dict[str, int]:
+        """Remove the completion markers of finished partitions whose rows hold failed VLM requests.
+
+        Returns ``{partition: failed rows}`` of the reopened ones. The runner then redoes
+        them: cached answers are reused and only the failed requests are sent again
+        (``retry_failed``), and the partition's shards are rewritten. Markers of another
+        stage config are left alone (the runner reports the mismatch).
+        """
+        if self.cfg.annotator != "vlm" or not self.cfg.retry_failed:
+            return {}
+        fs, root = url_to_fs(out_dir)  # markers and shards through the project's filesystem layer
+        root = root.rstrip("/")
+        fp = self.fingerprint()
+        reopened: dict[str, int] = {}
+        for part in self.partitions():
+            marker = f"{root}/{DONE_DIR}/{part.id}.json"
+            try:
+                m = json.loads(fs.cat_file(marker))
+            except FileNotFoundError:
+                continue
+            if m.get("fingerprint") != fp:
+                continue
+            failed = 0
+            for name in m.get("shards", []):
+                with fs.open(f"{root}/{SHARD_DIR}/{name}", "rb") as fh:
+                    cols = ["annotation_status", "annotation_provenance"]
+                    for r in pq.read_table(fh, columns=cols).to_pylist():
+                        prov = r["annotation_provenance"] or {}
+                        # a failed request (not a prompt that cannot be built: that is not sent)
+                        if r["annotation_status"] == "failed" and prov.get("request_key"):
+                            failed += 1
+            if failed:
+                fs.rm(marker)
+                reopened[part.id] = failed
+        return reopened
 
     def preflight(self) -> None:
         """Fail fast (PreflightError with instructions) unless every endpoint serves the model."""
