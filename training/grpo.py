@@ -48,10 +48,10 @@ from training.rewards import RewardRunner, RewardsConfig
 from training.rewards.base import Completion
 from training.rollout import (
     ActionDecoder,
-    HFGenerateBackend,
     RolloutConfig,
     collate_sequences,
     completion_logprobs,
+    make_backend,
     sample_seed,
     to_completion,
 )
@@ -208,8 +208,8 @@ class Trainer:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
-        synced = self.dist.mode == "fsdp" and self.dist.world > 1
-        self.backend = HFGenerateBackend(self.model, self.tokenizer, self.cfg.rollout, self.device, synced)
+        self.backend = make_backend(self.cfg.rollout, self.model, self.tokenizer, self.device, self.dist.mode,
+                                    self.dist.world, out_dir=self.cfg.out_dir, model_cfg=self.cfg.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
 
     def autocast(self) -> contextlib.AbstractContextManager:
