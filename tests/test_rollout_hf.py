@@ -29,6 +29,7 @@ def test_device_uniforms_are_per_row_and_uniform():
     expected = a[:, :3].numel() / 20
     chi2 = float(((hist - expected) ** 2 / expected).sum())
     assert chi2 < 43.8, chi2  # 19 dof, p = 0.001
+    assert torch.equal(device_uniforms(seeds, torch.arange(4000)), a.T)  # the whole table at once: same values
     lag = np.corrcoef(a[:-1, 0].numpy(), a[1:, 0].numpy())[0, 1]
     assert abs(lag) < 0.06, lag
 

@@ -164,8 +164,13 @@ class HFGenerateBackend:
         self.model = model  # same process, same weights
 
     def uniforms(self, seeds: torch.Tensor, t: int) -> torch.Tensor:
-        """Per-row uniforms of decode step ``t`` (a method so tests can feed the reference sampler's)."""
-        return device_uniforms(seeds, t)
+        """Per-row uniforms of decode step ``t`` (a method so tests can feed the reference sampler's).
+
+        The whole ``(N, max_new_tokens)`` table is made at ``t == 0`` in one go, on the device.
+        """
+        if t == 0:
+            self._table = device_uniforms(seeds, torch.arange(self.cfg.max_new_tokens, device=seeds.device))
+        return self._table[:, t]
 
     @torch.no_grad()
     def generate(

@@ -51,15 +51,19 @@ def seed_tensor(seeds: Sequence[int], device: torch.device | str = "cpu") -> tor
     return torch.tensor([[int(s) >> 32 & 0x7FFFFFFF, int(s) & _M32] for s in seeds], dtype=torch.long, device=device)
 
 
-def device_uniforms(seeds: torch.Tensor, t: int) -> torch.Tensor:
-    """One uniform in (0, 1) per row for decode step ``t``: a function of ``(seed, t)`` only.
+def device_uniforms(seeds: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
+    """Uniforms in (0, 1): ``(N,)`` for decode step ``t``, or ``(N, T)`` for a tensor of steps ``(T,)``.
 
-    24 bits (float32 resolution; an exact float32 grid point, so CPU and GPU agree).
+    Entry ``(n, t)`` is a function of ``(seed_n, t)`` only. 24 bits (float32
+    resolution; an exact float32 grid point, so every device gives the same value).
     """
-    step = _fmix32(torch.full_like(seeds[:, 0], _mul32(torch.tensor(t + 1), 0x9E3779B9).item()))
-    h = _fmix32(seeds[:, 1] ^ _fmix32(seeds[:, 0] ^ step))
+    steps = torch.as_tensor(t, dtype=torch.long).to(seeds.device)
+    step = _fmix32(_mul32(steps.reshape(1, -1) + 1, 0x9E3779B9))  # (1, T)
+    hi, lo = seeds[:, :1], seeds[:, 1:]
+    h = _fmix32(lo ^ _fmix32(hi ^ step))
     h = _fmix32(h ^ _mul32(step, 0x27D4EB2F))
-    return ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return u[:, 0] if steps.dim() == 0 else u
 
 
 def processed_logprobs(logits: torch.Tensor, temperature: float, banned_ids: Sequence[int] = ()) -> torch.Tensor:
