@@ -58,7 +58,6 @@ class VLLMConfig:
     tensor_parallel_size: int = 1  # colocate
     max_model_len: int = 0  # 0: the checkpoint's
     server_url: str = "http://127.0.0.1:8000"  # server: base URL of the OpenAI-compatible API
-    served_model: str = ""  # server: the base model name the server was started with
     adapter_dir: str = ""  # where per-step LoRA adapters are written for the engine ("" = <out_dir>/vllm_adapters)
     request_timeout_s: float = 600.0  # server
     check_prompts: bool = True  # the engine's prompt token ids must equal the learner's (same prompt builder)
