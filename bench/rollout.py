@@ -10,7 +10,7 @@ Same prompts, seeds and sampling settings for every backend:
 - ``vllm``: the colocated engine where ``vllm`` imports (else ``null`` with the reason).
 
 Tokens/s counts completion tokens (up to and including the end token) over
-wall time, best of ``--repeats``. The step breakdown runs
+the median wall time of ``--repeats`` runs, the backends interleaved. The step breakdown runs
 ``training.grpo.Trainer.step`` with the HF backend and the config's rewards
 (plus a 1e-3 tie-breaker per completion, so the random model's groups are
 not all dropped and the update is timed):
@@ -80,14 +80,23 @@ def shard_rows(pattern: str, n: int) -> list[dict[str, Any]]:
     return rows[:n]
 
 
-def time_backend(backend: Any, rows: list, examples: list, seeds: list, repeats: int) -> dict[str, float]:
-    best, tokens = float("inf"), 0
+def time_backends(backends: dict[str, Any], rows: list, examples: list, seeds: list,
+                  repeats: int) -> dict[str, dict[str, float]]:
+    """Rollouts of every backend, interleaved ``repeats`` times (load drifts hit all alike); median and best."""
+    times: dict[str, list[float]] = {k: [] for k in backends}
+    tokens: dict[str, int] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        gens = backend.generate(rows, examples, seeds)
-        best = min(best, time.perf_counter() - t0)
-        tokens = sum(len(g.token_ids) for row in gens for g in row)
-    return {"seconds": round(best, 3), "completion_tokens": tokens, "tokens_per_s": round(tokens / best, 1)}
+        for name, be in backends.items():
+            t0 = time.perf_counter()
+            gens = be.generate(rows, examples, seeds)
+            times[name].append(time.perf_counter() - t0)
+            tokens[name] = sum(len(g.token_ids) for row in gens for g in row)
+    out = {}
+    for name, ts in times.items():
+        med = float(np.median(ts))
+        out[name] = {"median_s": round(med, 3), "best_s": round(min(ts), 3), "completion_tokens": tokens[name],
+                     "tokens_per_s": round(tokens[name] / med, 1)}
+    return out
 
 
 def step_breakdown(model: Any, proc: Any, cfg: Any, rows: list, examples: list, steps: int) -> dict[str, float]:
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--G", type=int, default=4, help="completions per prompt")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=2, help="timed rollouts per backend (best kept)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rollouts per backend, interleaved (median reported)")
     ap.add_argument("--image-size", type=int, default=56,
                     help="synthetic frame side in pixels; model.min/max_pixels follow (56: the tiny config's budget; "
                          "larger sizes give longer, more realistic prompts)")
@@ -185,19 +194,18 @@ def main(argv: list[str] | None = None) -> int:
                                "image_size": args.image_size,
                                "generation_batch_size": rc.generation_batch_size,
                                "prompt_tokens": int(np.mean([len(e["input_ids"]) for e in examples]))}
-        ref = time_backend(ReferenceGenerateBackend(model, proc.tokenizer, rc), rows, examples, seeds, args.repeats)
-        new = time_backend(HFGenerateBackend(model, proc.tokenizer, rc), rows, examples, seeds, args.repeats)
-        out["hf_reference"], out["hf"] = ref, new
-        out["hf_speedup"] = round(new["tokens_per_s"] / ref["tokens_per_s"], 2)
+        backends: dict[str, Any] = {"hf_reference": ReferenceGenerateBackend(model, proc.tokenizer, rc),
+                                    "hf": HFGenerateBackend(model, proc.tokenizer, rc)}
         if vllm_available():
             from training.rollout_vllm import VLLMBackend
 
-            vb = VLLMBackend(rc, model, proc.tokenizer, out_dir=f"{tmp}/out", model_cfg=cfg.model,
-                             cameras=cfg.data.cameras)
-            out["vllm"] = time_backend(vb, rows, examples, seeds, args.repeats)
+            backends["vllm"] = VLLMBackend(rc, model, proc.tokenizer, out_dir=f"{tmp}/out", model_cfg=cfg.model,
+                                           cameras=cfg.data.cameras)
         else:
             out["vllm"] = None
             out["vllm_reason"] = "vllm not importable on this machine"
+        out.update(time_backends(backends, rows, examples, seeds, args.repeats))
+        out["hf_speedup"] = round(out["hf"]["tokens_per_s"] / out["hf_reference"]["tokens_per_s"], 2)
         if args.steps > 0:
             out["grpo_step_s"] = step_breakdown(model, proc, cfg, rows, examples, args.steps)
     print(json.dumps(out))
