@@ -48,10 +48,10 @@ from training.rewards import RewardRunner, RewardsConfig
 from training.rewards.base import Completion
 from training.rollout import (
     ActionDecoder,
-    HFGenerateBackend,
     RolloutConfig,
     collate_sequences,
     completion_logprobs,
+    make_backend,
     sample_seed,
     to_completion,
 )
@@ -208,8 +208,9 @@ class Trainer:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def __post_init__(self) -> None:
-        synced = self.dist.mode == "fsdp" and self.dist.world > 1
-        self.backend = HFGenerateBackend(self.model, self.tokenizer, self.cfg.rollout, self.device, synced)
+        self.backend = make_backend(self.cfg.rollout, self.model, self.tokenizer, self.device, self.dist.mode,
+                                    self.dist.world, out_dir=self.cfg.out_dir, model_cfg=self.cfg.model,
+                                    cameras=self.cfg.data.cameras)
         self.pad_id = int(self.tokenizer.pad_token_id)
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -425,7 +426,10 @@ def train(cfg: RFTConfig) -> dict[str, float]:
                 idx = next(it)
             batch_pos += 1
             examples = [rows[i] for i in idx]
-            metrics = trainer.step(step, [e["meta"] for e in examples], examples, idx)
+            metas = [e["meta"] for e in examples]
+            if cfg.rollout.backend == "vllm":  # the engine takes the camera frames, not the learner's patches
+                metas = [dict(m, cameras=rows.raw_row(i)["cameras"]) for m, i in zip(metas, idx, strict=True)]
+            metrics = trainer.step(step, metas, examples, idx)
             metrics["step"] = step + 1
             if dist.rank == 0 and (step + 1) % cfg.log_every == 0:
                 log.info("step %d %s", step + 1, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))

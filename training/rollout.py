@@ -1,30 +1,27 @@
 """Rollouts for GRPO: G sampled completions per scene, parsed and decoded for the rewards.
 
-:class:`RolloutBackend` is what the trainer talks to. :class:`HFGenerateBackend`
-runs ``model.generate`` in-process (batched, dropout off: ``model.eval()``).
-A vLLM-server backend slots in behind the same protocol: ``generate`` sends
-the rows' rendered messages (``annotators.training_prompt.render_messages``,
-images as data URLs) through the OpenAI-compatible client
-``annotators.client.VLMClient`` with ``n=G``, per-request ``seed`` and
-token ids returned, and ``sync_weights`` pushes the LoRA adapter to the
-server (vLLM's ``/v1/load_lora_adapter``) after each optimiser step. It is
-not written yet.
+:class:`RolloutBackend` is what the trainer talks to; :func:`make_backend`
+builds the one ``rollout.backend`` names:
 
-Per-sample seeds: HF ``generate`` samples the whole batch from one global
-RNG, so a completion would depend on its batch neighbours. We run
-``generate`` greedily with :class:`SeededSampler` as the last logits
-processor: it samples each row's next token with the row's own
-``torch.Generator`` (temperature, top-p) and leaves only that token, so
-completion ``(scene, g)`` is a function of ``(seed, step, scene, g)`` alone.
-The model's own generation defaults (e.g. Qwen's repetition penalty) are
-replaced for the call so the sampling distribution is the policy's.
+- ``hf``: :class:`HFGenerateBackend`, in-process decoding on the learner's
+  model with one shared prefill per prompt (the CPU/test backend, and
+  single-GPU LoRA runs);
+- ``vllm``: ``training.rollout_vllm.VLLMBackend``, a colocated vLLM engine
+  or an external vLLM server (experimental: not yet run on a GPU).
+
+Per-sample seeds: completion ``(scene, g)`` is a function of
+``(seed, step, scene, g)`` alone (:func:`sample_seed`), never of its batch
+neighbours; HF draws its uniforms with ``training.sampling`` on the device,
+vLLM takes the seed per request. The model's own generation defaults (e.g.
+Qwen's repetition penalty) are never applied, so the sampling distribution
+is the policy's (temperature, top-p, vision tokens banned).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,24 +37,53 @@ from annotators.training_prompt import (
 from schemas.sample import FUTURE_STEPS
 from training.data import video_tensors
 from training.rewards.base import Completion
+from training.sampling import (
+    SeededSampler,  # noqa: F401  (re-exported: the reference sampler, see training.sampling)
+    device_uniforms,
+    processed_logprobs,
+    sample_from_logprobs,
+    seed_tensor,
+)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VLLMConfig:
+    """``rollout.vllm:`` settings, read only with ``rollout.backend: vllm`` (see training/rollout_vllm.py)."""
+
+    mode: str = "colocate"  # colocate (one engine per rank, in-process) | server (external `vllm serve`)
+    gpu_memory_utilization: float = 0.3  # colocate: the engine's share of each GPU (weights + KV cache)
+    sleep: bool = True  # colocate: free the engine's KV cache (and weights) during the update, wake for rollouts
+    tensor_parallel_size: int = 1  # colocate
+    max_model_len: int = 0  # 0: the checkpoint's
+    server_url: str = "http://127.0.0.1:8000"  # server: base URL of the OpenAI-compatible API
+    adapter_dir: str = ""  # where per-step LoRA adapters are written for the engine ("" = <out_dir>/vllm_adapters)
+    request_timeout_s: float = 600.0  # server
+    check_prompts: bool = True  # the engine's prompt token ids must equal the learner's (same prompt builder)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("colocate", "server"):
+            raise ValueError(f"rollout.vllm.mode must be colocate or server, got {self.mode!r}")
+        if not 0 < self.gpu_memory_utilization < 1 or self.tensor_parallel_size < 1:
+            raise ValueError("rollout.vllm.gpu_memory_utilization must be in (0, 1), tensor_parallel_size >= 1")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
     """``rollout:`` section of the RFT config."""
 
-    backend: str = "hf"  # hf (in-process generate); vllm is reserved for the server backend
+    backend: str = "hf"  # hf (in-process, shared prefill) | vllm (colocated engine or server; experimental)
     num_generations: int = 8  # G completions per scene, independent of the GPU count
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 512
-    generation_batch_size: int = 16  # sequences per generate call
+    generation_batch_size: int = 16  # hf: sequences decoded together (prompts per prefill = this // G)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # used when backend == "vllm"
 
     def __post_init__(self) -> None:
-        if self.backend not in ("hf",):
-            raise ValueError(f"rollout.backend {self.backend!r} is not available (implemented: hf)")
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"rollout.backend must be hf or vllm, got {self.backend!r}")
         if self.num_generations < 2:
             raise ValueError("rollout.num_generations must be >= 2 (GRPO compares completions in a group)")
         if self.temperature <= 0 or not 0 < self.top_p <= 1:
@@ -71,6 +97,7 @@ class Generation:
     token_ids: np.ndarray  # (C,) int64
     text: str
     truncated: bool  # no end token within max_new_tokens
+    logprobs: np.ndarray | None = None  # (C,) float32: the sampler's log-prob of each token (temperature applied)
 
 
 class RolloutBackend(Protocol):
@@ -93,35 +120,6 @@ def sample_seed(base: int, step: int, scene: int, g: int) -> int:
     return int(ss.generate_state(2, dtype=np.uint32).astype(np.uint64) @ np.array([1 << 31, 1], np.uint64))
 
 
-class SeededSampler:
-    """Logits processor: per-row seeded sampling with temperature and top-p (use with greedy search)."""
-
-    def __init__(
-        self, seeds: Sequence[int], temperature: float, top_p: float, banned_ids: Sequence[int] = ()
-    ) -> None:
-        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.temperature = temperature
-        self.top_p = top_p
-        self.banned = list(banned_ids)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        logits = scores.float() / self.temperature
-        if self.banned:
-            logits[:, self.banned] = float("-inf")
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        if self.top_p < 1.0:  # nucleus: keep the smallest prefix with mass >= top_p
-            keep = (probs.cumsum(-1) - probs) < self.top_p
-            probs = probs * keep
-        cdf = probs.cumsum(-1)
-        u = torch.stack([torch.rand((), generator=g) for g in self.gens]).to(cdf.device, cdf.dtype)
-        pos = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)
-        pos = pos.clamp(max=cdf.shape[-1] - 1)
-        token = order.gather(-1, pos)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, token, 0.0)
-
-
 # A completion holding one of these would be read as an image/video placeholder
 # when the sequence is fed back for the update; they are never sampled (and
 # masked the same way in completion_logprobs, so both see one distribution).
@@ -135,84 +133,142 @@ def banned_token_ids(tokenizer: Any) -> list[int]:
 
 
 class HFGenerateBackend:
-    """In-process rollouts with ``model.generate`` (LoRA/peft, DDP or FSDP2-wrapped models)."""
+    """In-process rollouts on the learner's own model (LoRA/peft, DDP-wrapped or plain).
 
-    def __init__(
-        self, model: Any, tokenizer: Any, cfg: RolloutConfig, device: Any = "cpu", synced_gpus: bool = False
-    ) -> None:
-        from transformers import GenerationConfig
+    One prefill per prompt (vision tower included) serves its G completions:
+    the prompt's KV cache is repeated G times (``Cache.batch_repeat_interleave``)
+    before the decode loop, instead of ``generate`` re-encoding every copy.
+    Decoding is a plain loop over the model's forward with explicit multimodal
+    RoPE positions (the prefill's ``get_rope_index`` positions, +1 per step,
+    the rule HF's Qwen2.5-VL generation uses), sampling by
+    :func:`training.sampling.sample_from_logprobs` with uniforms made on the
+    device. The log-probs of the sampled tokens under the sampling
+    distribution (temperature, banned ids; before the nucleus cut, as the
+    learner computes them) come back with each generation.
 
-        self.synced_gpus = synced_gpus  # FSDP2: every rank runs decode steps until all ranks finish
+    Full-parameter FSDP is refused: decoding a sharded model all-gathers every
+    layer at every token (``generate(synced_gpus=True)``); use ``rollout.backend=vllm``.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, cfg: RolloutConfig, device: Any = "cpu") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.device = device
+        self.device = torch.device(device)
         self.pad_id = int(tokenizer.pad_token_id)
         self.eos_id = int(tokenizer.convert_tokens_to_ids(IM_END))
         self.banned_ids = banned_token_ids(tokenizer)
-        # Every field that would add a logits processor is pinned: generate() fills
-        # unset fields from the checkpoint's generation_config (Qwen ships a 1.05
-        # repetition penalty), and that would sample from something else than the policy.
-        self.gen_config = GenerationConfig(
-            do_sample=False,
-            num_beams=1,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            bad_words_ids=None,
-            use_cache=True,
-        )
 
     def sync_weights(self, model: Any) -> None:
         self.model = model  # same process, same weights
+
+    def uniforms(self, seeds: torch.Tensor, t: int) -> torch.Tensor:
+        """Per-row uniforms of decode step ``t`` (a method so tests can feed the reference sampler's).
+
+        The whole ``(N, max_new_tokens)`` table is made at ``t == 0`` in one go, on the device.
+        """
+        if t == 0:
+            self._table = device_uniforms(seeds, torch.arange(self.cfg.max_new_tokens, device=seeds.device))
+        return self._table[:, t]
 
     @torch.no_grad()
     def generate(
         self, rows: Sequence[Mapping[str, Any]], examples: Sequence[Mapping[str, Any]], seeds: Sequence[Sequence[int]]
     ) -> list[list[Generation]]:
-        from transformers import LogitsProcessorList
-
         from training.data import collate, model_batch
 
-        jobs = [(i, g) for i in range(len(examples)) for g in range(len(seeds[i]))]
-        out: list[list[Generation | None]] = [[None] * len(s) for s in seeds]
-        model = getattr(self.model, "module", self.model)  # DDP: generate on the wrapped module
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+        model = getattr(self.model, "module", self.model)  # DDP: run the wrapped module
         was_training = model.training
         model.eval()  # dropout off while sampling
-        saved = base.generation_config
-        base.generation_config = self.gen_config
+        out: list[list[Generation]] = []
+        per_call = max(1, self.cfg.generation_batch_size // max(1, max(len(s) for s in seeds)))
         try:
-            for start in range(0, len(jobs), self.cfg.generation_batch_size):
-                chunk = jobs[start : start + self.cfg.generation_batch_size]
-                batch = collate([examples[i] for i, _ in chunk], self.pad_id, padding_side="left")
-                inputs = model_batch(batch, self.device)
-                sampler = SeededSampler(
-                    [seeds[i][g] for i, g in chunk], self.cfg.temperature, self.cfg.top_p, self.banned_ids
-                )
-                seqs = model.generate(
-                    **inputs,
-                    generation_config=self.gen_config,
-                    logits_processor=LogitsProcessorList([sampler]),
-                    synced_gpus=self.synced_gpus,
-                )
-                new = seqs[:, inputs["input_ids"].shape[1] :].cpu().numpy()
-                for (i, g), ids in zip(chunk, new, strict=True):
-                    out[i][g] = self._finish(ids)
+            for start in range(0, len(examples), per_call):
+                idx = list(range(start, min(start + per_call, len(examples))))
+                batch = collate([examples[i] for i in idx], self.pad_id, padding_side="left")
+                out += self._sample(model, model_batch(batch, self.device), [seeds[i] for i in idx])
         finally:
-            base.generation_config = saved
             model.train(was_training)
-        return [[g for g in row if g is not None] for row in out]
+        return out
 
-    def _finish(self, ids: np.ndarray) -> Generation:
+    def _sample(self, model: Any, inputs: dict[str, torch.Tensor], seeds: Sequence[Sequence[int]]) -> list[list[Generation]]:
+        cfg = self.cfg
+        att = inputs["attention_mask"]
+        reps = torch.tensor([len(s) for s in seeds], device=self.device)
+        text = (att.cumsum(-1) - 1).masked_fill(att == 0, 0)
+        core = _qwen_core(model)
+        vision, _ = core.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            video_grid_thw=inputs["video_grid_thw"], second_per_grid_ts=inputs["second_per_grid_ts"],
+            attention_mask=att,
+        )
+        pos = torch.cat([text[None], vision.to(text.dtype)], 0)  # (4, B, P): text positions + 3D RoPE
+        res = model(**inputs, position_ids=pos, use_cache=True, logits_to_keep=1)
+        cache = res.cache if getattr(res, "cache", None) is not None else res.past_key_values
+        if bool((reps == reps[0]).all()):
+            cache.batch_repeat_interleave(int(reps[0]))  # the shared prefill, G views of it
+        else:
+            cache.batch_select_indices(torch.arange(len(seeds), device=self.device).repeat_interleave(reps))
+        logits = res.logits[:, -1].repeat_interleave(reps, 0)
+        att = att.repeat_interleave(reps, 0)
+        pos = pos[..., -1:].repeat_interleave(reps, 1)
+        sd = seed_tensor([s for row in seeds for s in row], self.device)
+        n = sd.shape[0]
+        tokens = torch.full((n, cfg.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        logps = torch.zeros((n, cfg.max_new_tokens), dtype=torch.float32, device=self.device)
+        done = torch.zeros(n, dtype=torch.bool, device=self.device)
+        for t in range(cfg.max_new_tokens):
+            lp = processed_logprobs(logits, cfg.temperature, self.banned_ids)
+            tok = sample_from_logprobs(lp, self.uniforms(sd, t), cfg.top_p)
+            tok = tok.masked_fill(done, self.pad_id)
+            tokens[:, t] = tok
+            logps[:, t] = lp.gather(-1, tok[:, None]).squeeze(-1).masked_fill(done, 0.0)
+            done |= tok == self.eos_id
+            if t + 1 == cfg.max_new_tokens or bool(done.all()):
+                break
+            att = torch.cat([att, att.new_ones((n, 1))], 1)
+            pos = pos + 1
+            res = model(input_ids=tok[:, None], attention_mask=att, position_ids=pos, cache=cache, use_cache=True)
+            logits = res.logits[:, -1]
+        ids, lps = tokens.cpu().numpy(), logps.cpu().numpy()
+        gens, j = [], 0
+        for row in seeds:
+            gens.append([self._finish(ids[j + g], lps[j + g]) for g in range(len(row))])
+            j += len(row)
+        return gens
+
+    def _finish(self, ids: np.ndarray, logps: np.ndarray | None = None) -> Generation:
         ends = np.flatnonzero(ids == self.eos_id)
-        truncated = not len(ends)  # generate only stops a row early at its end token
-        if not truncated:
-            ids = ids[: ends[0] + 1]
-        ids = ids.astype(np.int64)
-        return Generation(ids, self.tokenizer.decode(ids.tolist(), skip_special_tokens=False), truncated)
+        truncated = not len(ends)  # decoding only stops a row early at its end token
+        n = len(ids) if truncated else int(ends[0]) + 1
+        ids = ids[:n].astype(np.int64)
+        lp = None if logps is None else logps[:n].astype(np.float32)
+        return Generation(ids, self.tokenizer.decode(ids.tolist(), skip_special_tokens=False), truncated, lp)
+
+
+def _qwen_core(model: Any) -> Any:
+    """The Qwen2.5-VL backbone (``get_rope_index``) inside a peft/DDP wrapper."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    core = getattr(m, "model", None)
+    if core is None or not hasattr(core, "get_rope_index"):
+        raise TypeError(f"HF rollouts need a Qwen2.5-VL model (get_rope_index), got {type(m).__name__}")
+    return core
+
+
+def make_backend(cfg: RolloutConfig, model: Any, tokenizer: Any, device: Any, parallel: str = "none",
+                 world: int = 1, **vllm_kwargs: Any) -> RolloutBackend:
+    """The backend ``rollout.backend`` names; ``parallel``/``world`` from the trainer's setup."""
+    if cfg.backend == "vllm":
+        from training.rollout_vllm import VLLMBackend
+
+        return VLLMBackend(cfg, model, tokenizer, device, **vllm_kwargs)
+    if parallel == "fsdp" and world > 1:
+        raise ValueError(
+            "rollout.backend=hf cannot sample from a full-parameter FSDP model: every decode step would "
+            "all-gather every layer on every rank (generate with synced_gpus). Set rollout.backend=vllm "
+            "(weights are gathered once per step and synced to the engine), or use model.lora=true with parallel=ddp"
+        )
+    return HFGenerateBackend(model, tokenizer, cfg, device)
 
 
 # --------------------------------------------------------------------------- parsing + decoding

@@ -1,0 +1,311 @@
+"""vLLM rollout backend: config selection, requests, weight-sync bookkeeping, server mode against a fake server.
+
+vLLM itself does not import on the CPU test machine; the test that needs it is
+skipped with that reason. Everything else runs without it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_grpo import K, _row
+from training.rollout import RolloutConfig, VLLMConfig
+from training.rollout_vllm import (
+    BAN_BIAS,
+    PromptRequest,
+    WeightSync,
+    build_prompt_requests,
+    chat_body,
+    parse_chat_choice,
+    sampling_kwargs,
+    vllm_available,
+    vllm_param_name,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's ops are too small to split; on a loaded 2-core machine threads only wait on each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_backend_is_selected_by_one_key(tmp_path):
+    from pipelines.config import load_config
+    from training.grpo import RFTConfig
+
+    cfg = load_config(RFTConfig, "configs/train/rft_tiny.yaml", ["rollout.backend=vllm"])
+    assert cfg.rollout.backend == "vllm" and cfg.rollout.vllm == VLLMConfig()
+    assert load_config(RFTConfig, "configs/train/rft_tiny.yaml", []).rollout.backend == "hf"
+    cfg = load_config(RFTConfig, "configs/train/rft_8xgpu.yaml",
+                      ["rollout.backend=vllm", "rollout.vllm.mode=server", "rollout.vllm.gpu_memory_utilization=0.5"])
+    assert cfg.rollout.vllm.mode == "server" and cfg.rollout.vllm.gpu_memory_utilization == 0.5
+    with pytest.raises(ValueError, match="hf or vllm"):
+        RolloutConfig(backend="sglang")
+    with pytest.raises(ValueError, match="colocate or server"):
+        VLLMConfig(mode="remote")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VLLMConfig(gpu_memory_utilization=1.5)
+
+
+@pytest.mark.skipif(vllm_available(), reason="checks the message shown where vllm is not installed")
+def test_colocate_without_vllm_names_the_fix(tmp_path):
+    from types import SimpleNamespace
+
+    from training.rollout import make_backend
+
+    tok = SimpleNamespace(convert_tokens_to_ids=lambda t: 7 if isinstance(t, str) else [None] * len(t),
+                          unk_token_id=None, get_vocab=lambda: {})
+    mcfg = SimpleNamespace(path=str(tmp_path), lora=True, num_action_tokens=K, lora_rank=8)
+    with pytest.raises(ImportError, match="pip install vllm"):
+        make_backend(RolloutConfig(backend="vllm"), object(), tok, "cpu", model_cfg=mcfg, out_dir=str(tmp_path))
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def _req() -> PromptRequest:
+    from annotators.training_prompt import CAMERAS_FOR_MODEL
+
+    ex = {"input_ids": np.arange(5)}
+    return build_prompt_requests([_row(0)], [ex], K, CAMERAS_FOR_MODEL)[0]
+
+
+def test_chat_body_carries_prompt_builder_text_frames_and_sampling():
+    from PIL import Image
+
+    from annotators.training_prompt import VIDEO_PLACEHOLDER, render_chat_text
+
+    req = _req()
+    cfg = RolloutConfig(temperature=0.8, top_p=0.95, max_new_tokens=33)
+    body = chat_body(req, "drivevla-policy-3", sampling_kwargs(cfg, 1234567890123, 99, [5, 6]))
+    assert body["model"] == "drivevla-policy-3"
+    assert (body["n"], body["seed"], body["temperature"], body["top_p"], body["max_tokens"]) == (
+        1, 1234567890123, 0.8, 0.95, 33)
+    assert body["stop_token_ids"] == [99] and body["logprobs"] is True and body["return_tokens_as_token_ids"]
+    assert body["skip_special_tokens"] is False and body["repetition_penalty"] == 1.0
+    assert body["logit_bias"] == {"5": BAN_BIAS, "6": BAN_BIAS}
+    system, user = body["messages"]
+    assert system["content"] == req.messages[0]["content"]
+    videos = [p for p in user["content"] if p["type"] == "video_url"]
+    assert len(videos) == 4
+    # the text parts with the videos put back as placeholders are the prompt builder's user turn
+    rebuilt = "".join(p["text"] if p["type"] == "text" else VIDEO_PLACEHOLDER for p in user["content"])
+    assert rebuilt == req.messages[1]["content"]
+    assert render_chat_text(req.messages, add_generation_prompt=True) == req.prompt
+    head, frames = videos[0]["video_url"]["url"].split(",", 1)
+    assert head == "data:video/jpeg;base64"
+    decoded = [Image.open(io.BytesIO(base64.b64decode(f))) for f in frames.split(",")]
+    assert len(decoded) == 2 and decoded[0].size == (56, 56)
+    json.dumps(body)  # serialisable as is
+
+
+def test_rows_without_cameras_are_refused_naming_the_sample():
+    with pytest.raises(ValueError, match="nuscenes/s0/0.*camera clips"):
+        build_prompt_requests([{"sample_id": "nuscenes/s0/0"}], [{"input_ids": np.arange(3)}], K, ("front",))
+
+
+def test_parse_chat_choice_ids_logprobs_and_stop():
+    tok = type("T", (), {"decode": staticmethod(lambda ids, skip_special_tokens: " ".join(map(str, ids)))})()
+    lp = {"content": [{"token": "token_id:11", "logprob": -0.5}, {"token": "token_id:99", "logprob": -0.25}]}
+    g = parse_chat_choice({"logprobs": lp, "finish_reason": "stop"}, 99, tok)
+    assert g.token_ids.tolist() == [11, 99] and not g.truncated and g.logprobs.tolist() == [-0.5, -0.25]
+    g = parse_chat_choice({"logprobs": {"content": lp["content"][:1]}, "finish_reason": "length"}, 99, tok)
+    assert g.truncated and g.token_ids.tolist() == [11]
+    g = parse_chat_choice({"logprobs": {"content": lp["content"][:1]}, "finish_reason": "stop"}, 99, tok)
+    assert g.token_ids.tolist() == [11, 99] and g.logprobs is None  # stop token added back, log-prob unknown
+    with pytest.raises(ValueError, match="return_tokens_as_token_ids"):
+        parse_chat_choice({"logprobs": {"content": [{"token": "hello", "logprob": -1.0}]}}, 99, tok)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_param_names_and_adapter_bookkeeping(tmp_path):
+    assert vllm_param_name("module.base_model.model.model.language_model.layers.0.self_attn.q_proj.base_layer.weight") \
+        == "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert vllm_param_name("base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.default.weight") is None
+    assert vllm_param_name("lm_head.weight") == "lm_head.weight"
+
+    class Adapter:
+        def save_pretrained(self, path):
+            import os
+
+            os.makedirs(path)
+            open(f"{path}/adapter_model.safetensors", "w").close()
+
+    ws = WeightSync(str(tmp_path / "base"), lora=True, adapter_dir=tmp_path / "ad", keep=2)
+    names = [ws.next_adapter(Adapter())[0] for _ in range(3)]
+    assert names == ["drivevla-policy-1", "drivevla-policy-2", "drivevla-policy-3"]
+    assert [n for n, _ in ws.retired()] == ["drivevla-policy-1"]
+    ws.drop("drivevla-policy-1")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["v0000002", "v0000003"]
+    (tmp_path / "lora_ckpt").mkdir()
+    (tmp_path / "lora_ckpt" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="plain checkpoint"):
+        WeightSync(str(tmp_path / "lora_ckpt"), lora=True, adapter_dir=tmp_path / "x")
+    full = WeightSync(str(tmp_path / "base"), lora=False, adapter_dir=tmp_path / "y")
+    lin = torch.nn.Linear(2, 3)
+    assert full.mode == "full" and dict(WeightSync.full_state(lin)).keys() == {"weight", "bias"}
+
+
+# --------------------------------------------------------------------------- server mode, fake server
+
+
+class FakeVLLM(BaseHTTPRequestHandler):
+    """Speaks the part of vLLM's OpenAI server the backend uses (chat completions with logprobs, LoRA endpoints)."""
+
+    calls: list = []
+    adapters: set = set()
+    prompt_ids: dict = {}
+    eos = 0
+    lock = threading.Lock()
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.lock:
+            self.calls.append((self.path, body))
+        if self.path == "/v1/load_lora_adapter":
+            self.adapters.add(body["lora_name"])
+            return self._send(200, "Success")
+        if self.path == "/v1/unload_lora_adapter":
+            self.adapters.discard(body["lora_name"])
+            return self._send(200, "Success")
+        if body["model"] not in self.adapters:
+            return self._send(404, {"error": {"message": f"model {body['model']} does not exist"}})
+        rng = np.random.default_rng(body["seed"])
+        n = int(rng.integers(1, body["max_tokens"] + 1))
+        ids = rng.integers(1, 50, n).tolist()
+        stop = n < body["max_tokens"]
+        if stop:
+            ids[-1] = body["stop_token_ids"][0]
+        content = [{"token": f"token_id:{i}", "logprob": float(-rng.random()), "top_logprobs": []} for i in ids]
+        text = "".join(p.get("text", "") for p in body["messages"][1]["content"])
+        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "x"},
+                                      "logprobs": {"content": content}, "finish_reason": "stop" if stop else "length"}],
+                         "prompt_token_ids": self.prompt_ids.get(text)})
+
+    def _send(self, code, obj):
+        raw = (json.dumps(obj) if not isinstance(obj, str) else obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+
+@pytest.fixture()
+def fake_server():
+    FakeVLLM.calls, FakeVLLM.adapters, FakeVLLM.prompt_ids = [], set(), {}
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
+    th = threading.Thread(target=srv.serve_forever, daemon=True)
+    th.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}"
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture(scope="module")
+def lora_policy(tmp_path_factory):
+    from training.grpo import RFTConfig, load_policy
+    from training.model import ModelConfig
+    from training.tiny import build_tiny_qwen25vl
+
+    path = build_tiny_qwen25vl(tmp_path_factory.mktemp("tiny_vllm"), num_action_tokens=K)
+    mcfg = ModelConfig(path=str(path), lora=True, lora_rank=8, lora_alpha=16, num_action_tokens=K)
+    model, proc = load_policy(RFTConfig(model=mcfg, precision="fp32"), K, torch.device("cpu"))
+    return model, proc, mcfg
+
+
+def test_server_mode_syncs_adapter_per_rollout_and_parses(fake_server, lora_policy, tmp_path):
+    from dataclasses import replace
+
+    from annotators.training_prompt import CAMERAS_FOR_MODEL, model_inputs_from_row
+    from training.rollout import make_backend, sample_seed
+    from training.rollout_vllm import ServerEngine
+
+    model, proc, mcfg = lora_policy
+    rows = [_row(0), _row(1)]
+    ex = [model_inputs_from_row(r, proc, with_target=False, num_action_tokens=K) for r in rows]
+    for r, e in zip(build_prompt_requests(rows, ex, K, CAMERAS_FOR_MODEL), ex, strict=True):
+        text = r.messages[1]["content"].replace("<|vision_start|><|video_pad|><|vision_end|>", "")
+        FakeVLLM.prompt_ids[text] = e["input_ids"].tolist()  # the engine saw the learner's prompt
+    cfg = RolloutConfig(backend="vllm", num_generations=3, max_new_tokens=6,
+                        vllm=VLLMConfig(mode="server", server_url=fake_server))
+    be = make_backend(cfg, model, proc.tokenizer, "cpu", model_cfg=mcfg, out_dir=str(tmp_path),
+                      cameras=CAMERAS_FOR_MODEL)
+    assert isinstance(be.engine, ServerEngine)
+    seeds = [[sample_seed(0, 0, i, g) for g in range(3)] for i in range(2)]
+    for _ in range(3):
+        gens = be.generate(rows, ex, seeds)
+        assert [len(r) for r in gens] == [3, 3]
+    # one new adapter per rollout; the oldest unloaded and deleted, the last two kept
+    loads = [b["lora_name"] for p, b in FakeVLLM.calls if p == "/v1/load_lora_adapter"]
+    unloads = [b["lora_name"] for p, b in FakeVLLM.calls if p == "/v1/unload_lora_adapter"]
+    assert loads == ["drivevla-policy-1", "drivevla-policy-2", "drivevla-policy-3"]
+    assert unloads == ["drivevla-policy-1"] and FakeVLLM.adapters == {"drivevla-policy-2", "drivevla-policy-3"}
+    assert (tmp_path / "vllm_adapters" / "v0000003" / "adapter_config.json").is_file()
+    assert not (tmp_path / "vllm_adapters" / "v0000001").exists()
+    chats = [b for p, b in FakeVLLM.calls if p == "/v1/chat/completions"]
+    assert len(chats) == 18 and {b["model"] for b in chats[-6:]} == {"drivevla-policy-3"}
+    assert sorted(b["seed"] for b in chats[-6:]) == sorted(s for row in seeds for s in row)
+    eos = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for row_seeds, row in zip(seeds, gens, strict=True):
+        for s, g in zip(row_seeds, row, strict=True):  # completion g is the one requested with its seed
+            rng = np.random.default_rng(s)
+            n = int(rng.integers(1, 7))
+            assert len(g.token_ids) == n and g.truncated == (n == 6) and len(g.logprobs) == n
+            assert g.truncated or g.token_ids[-1] == eos
+    # a prompt the engine tokenised differently fails the step, naming the sample
+    FakeVLLM.prompt_ids = {k: v[:-1] for k, v in FakeVLLM.prompt_ids.items()}
+    with pytest.raises(ValueError, match="nuscenes/s0/0.*differs from the learner"):
+        be.generate(rows, ex, seeds)
+    with pytest.raises(ValueError, match="full-parameter"):
+        make_backend(cfg, model, proc.tokenizer, "cpu", model_cfg=replace(mcfg, lora=False), out_dir=str(tmp_path))
+
+
+def test_server_errors_are_reported(lora_policy, tmp_path):
+    from training.rollout_vllm import ServerEngine
+
+    eng = ServerEngine("http://127.0.0.1:9", timeout_s=2)  # discard port: nothing listens
+    with pytest.raises(RuntimeError, match="unreachable"):
+        eng.load_adapter("a", tmp_path)
+
+
+# --------------------------------------------------------------------------- needs vLLM
+
+
+@pytest.mark.skipif(not vllm_available(), reason="vllm is not installed (CPU-only machine); run on a GPU host")
+def test_colocated_logprobs_match_the_learner(lora_policy, tmp_path):
+    """vLLM's processed log-probs of its sampled tokens vs the learner's forward (tolerance 0.05 nats, bf16-level)."""
+    from annotators.training_prompt import CAMERAS_FOR_MODEL, model_inputs_from_row
+    from training.rollout import collate_sequences, completion_logprobs, make_backend, sample_seed
+
+    model, proc, mcfg = lora_policy
+    rows = [_row(0)]
+    ex = [model_inputs_from_row(r, proc, with_target=False, num_action_tokens=K) for r in rows]
+    cfg = RolloutConfig(backend="vllm", num_generations=4, max_new_tokens=8, vllm=VLLMConfig(sleep=False))
+    be = make_backend(cfg, model, proc.tokenizer, "cuda", model_cfg=mcfg, out_dir=str(tmp_path),
+                      cameras=CAMERAS_FOR_MODEL)
+    gens = be.generate(rows, ex, [[sample_seed(0, 0, 0, g) for g in range(4)]])[0]
+    batch = collate_sequences([ex[0]] * 4, [g.token_ids for g in gens], be.eos_id)
+    with torch.no_grad():
+        learner = completion_logprobs(model.eval(), batch, cfg.temperature, be.banned_ids)
+    for j, g in enumerate(gens):
+        np.testing.assert_allclose(g.logprobs, learner[j, : len(g.token_ids)].numpy(), atol=0.05)
