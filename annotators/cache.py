@@ -9,6 +9,16 @@ name (roughly creation) order and ignore what a crash can leave behind: a
 torn last line, a line whose checksum does not match. Per key, the first
 ``ok`` result wins; without one, the last failure is kept (a rerun resends
 it when asked to).
+
+On an object store (``s3://``, ``gs://``: any URL :mod:`pipelines.io.fs`
+resolves) there is no append and no fsync. There a writer turns every flush
+batch into one immutable object, ``<utc time>-<host>-<pid>-<uuid>-<seq>.jsonl``
+(``seq`` counts the writer's batches, zero-padded so names sort in write
+order), uploaded with a single PUT: it is visible whole or not at all, so a
+kill loses at most the batch in flight, whose results were not yet reported as
+committed. A batch counts as done only when its PUT has returned. Readers
+merge every object in name order exactly as they merge local segments, so
+the precedence rules above are the same on both.
 """
 
 from __future__ import annotations
@@ -25,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pipelines.io import fs
 
 log = logging.getLogger(__name__)
 SEGMENT_SUFFIX = ".jsonl"
@@ -50,16 +62,33 @@ class LoadStats:
     duplicates: int = 0  # a key already holding an ok result
 
 
+def _segments(directory: Path) -> list[tuple[Path, bytes]]:
+    """``(path, content)`` of every segment, in name order (one concurrent fetch remotely)."""
+    segs = sorted(fs.glob(directory, f"*{SEGMENT_SUFFIX}"), key=lambda p: p.name)
+    if not fs.is_url(directory):
+        return [(seg, seg.read_bytes()) for seg in segs]
+    got = fs.cat_many(segs)
+    out = []
+    for seg, data in zip(segs, got, strict=True):
+        if data is None:  # objects are immutable and never deleted while a run holds the lease
+            raise OSError(f"cache segment {seg} was listed but cannot be read")
+        out.append((seg, data))
+    return out
+
+
 def iter_records(
-    directory: Path, stats: LoadStats | None = None
+    directory: str | Path, stats: LoadStats | None = None
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Valid ``(key, value)`` records of every segment, in segment-name then line order."""
+    """Valid ``(key, value)`` records of every segment, in segment-name then line order.
+
+    ``directory`` is a local path or an object-store URL (:func:`pipelines.io.fs.as_path`).
+    """
     stats = stats if stats is not None else LoadStats()
-    if not directory.is_dir():
+    directory = fs.as_path(directory)
+    if not fs.is_dir(directory):
         return
-    for seg in sorted(directory.glob(f"*{SEGMENT_SUFFIX}")):
+    for _seg, data in _segments(directory):
         stats.segments += 1
-        data = seg.read_bytes()
         lines = data.split(b"\n")
         if lines and lines[-1]:
             stats.torn += 1
@@ -79,6 +108,14 @@ def iter_records(
             yield key, value
 
 
+def _writer_stem() -> str:
+    """``<utc time>-<host>-<pid>-<uuid>``: unique per writer; names sort in creation order."""
+    now = time.time()  # microseconds
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
+    host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[:40]
+    return f"{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -91,9 +128,12 @@ class ResultCache:
     """Results of one scope (e.g. one input partition); values are JSON dicts with a ``status``."""
 
     def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
+        self.directory = fs.as_path(directory)  # never Path(): that turns s3://b/k into s3:/b/k
+        self.remote = fs.is_url(self.directory)
         self._fh: Any = None
-        self.segment: Path | None = None
+        self.segment: Path | None = None  # local: the open segment; remote: the last object written
+        self._stem: str | None = None  # remote: this writer's object-name prefix
+        self._seq = 0
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -119,15 +159,7 @@ class ResultCache:
     def _open(self) -> Any:
         if self._fh is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            now = time.time()  # microseconds: segment names sort in creation order
-            stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}"
-            host = "".join(c if c.isalnum() or c in "-_" else "_" for c in socket.gethostname())[
-                :40
-            ]
-            self.segment = (
-                self.directory
-                / f"{stamp}-{host}-{os.getpid()}-{uuid.uuid4().hex[:12]}{SEGMENT_SUFFIX}"
-            )
+            self.segment = self.directory / f"{_writer_stem()}{SEGMENT_SUFFIX}"
             # O_APPEND + O_EXCL: our own new file; appends land at the end even if reopened.
             fd = os.open(self.segment, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             self._fh = os.fdopen(fd, "ab", buffering=0)
@@ -135,6 +167,9 @@ class ResultCache:
         return self._fh
 
     def _write_sync(self, data: bytes) -> None:
+        if self.remote:
+            self._put_object(data)
+            return
         fh = self._open()
         try:
             view = memoryview(data)
@@ -146,6 +181,15 @@ class ResultCache:
             # glued to that fragment and lost on load. Continue in a fresh segment instead.
             self.close()
             raise
+
+    def _put_object(self, data: bytes) -> None:
+        """One immutable object per batch (object stores have no append): one PUT, whole or absent."""
+        if self._stem is None:
+            self._stem = _writer_stem()
+        self._seq += 1  # never reused, also after a failed PUT (it may have landed after all)
+        obj = self.directory / f"{self._stem}-{self._seq:08d}{SEGMENT_SUFFIX}"
+        fs.write_bytes(obj, data)
+        self.segment = obj
 
     def append(self, key: str, value: dict[str, Any]) -> None:
         """Commit one record (durable when this returns)."""

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.geometry import distort_normalized, project_points
+
 OBJECT_CENTRE_HEIGHT_M = 0.8  # labels are 2-D; project a point at typical box mid-height
 
 
@@ -54,24 +56,51 @@ class ObjectFact:
         return f"{way} at {self.speed:.1f} m/s"
 
 
+def _past_fold(cam_xyz: np.ndarray, model: str | None, coeffs: Any) -> bool:
+    """True where the lens model no longer maps farther off-axis rays farther out.
+
+    OpenCV's polynomial model is fitted inside the field of view; far outside it
+    (strong barrel distortion) the distorted radius shrinks again and folds
+    points behind the image edge back into the picture. Such a point is not in
+    the image, whatever its pixel says.
+    """
+    if model is None or coeffs is None or len(coeffs) == 0:
+        return False
+    xy = cam_xyz[:2] / cam_xyz[2]
+    r = float(np.hypot(*xy))
+    if r == 0.0:
+        return False
+    d = distort_normalized(np.stack([xy, xy * 1.001]), model, np.asarray(coeffs, np.float64))
+    # distorted radius along the ray's own direction: it turns negative past the fold too
+    along = d @ (xy / r)
+    return bool(along[0] <= 0.0 or along[1] <= along[0])
+
+
 def project_to_cameras(
     x: float, y: float, cameras: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None
 ) -> tuple[str | None, str | None]:
-    """The camera (among ``names``) showing ego-frame point (x, y), and its horizontal third."""
+    """The camera (among ``names``) showing ego-frame point (x, y), and its horizontal third.
+
+    Pixels come from :func:`pipelines.geometry.project_points` with each camera's
+    ``distortion_model`` / ``distortion``, so an object is placed where the
+    (unrectified) image shows it; cameras without a model are pinhole.
+    """
     best: tuple[float, str, str] | None = None
-    point = np.array([x, y, OBJECT_CENTRE_HEIGHT_M, 1.0])
+    point = np.array([[x, y, OBJECT_CENTRE_HEIGHT_M]])
     for cam in cameras:
         if names is not None and cam["name"] not in names:
             continue
         ext = np.asarray(cam["extrinsics"], dtype=np.float64).reshape(4, 4)
-        K = np.asarray(cam["intrinsics"], dtype=np.float64).reshape(3, 3)
-        pc = np.linalg.solve(ext, point)[:3]  # ego -> camera (OpenCV)
-        if pc[2] <= 0.5:
+        model, coeffs = cam.get("distortion_model"), cam.get("distortion")
+        uv, depth = project_points(point, cam["intrinsics"], ext, model, coeffs)
+        if depth[0] <= 0.5:
             continue
-        uvw = K @ pc
-        u, v = uvw[0] / uvw[2], uvw[1] / uvw[2]
+        u, v = float(uv[0, 0]), float(uv[0, 1])
         w, h = float(cam["width"]), float(cam["height"])
         if not (0 <= u < w and 0 <= v < h):
+            continue
+        pc = (point[0] - ext[:3, 3]) @ ext[:3, :3]  # ego -> camera (OpenCV), as project_points
+        if _past_fold(pc, model, coeffs):
             continue
         off = abs(u / w - 0.5)
         part = "left" if u < w / 3 else ("right" if u >= 2 * w / 3 else "centre")
