@@ -102,21 +102,26 @@ class LocalCluster:
     def add_node(self, cpus: int = 1) -> None:
         self._start([f"--address={self.gcs_address}"], cpus)
 
-    def wait_nodes(self, n: int, timeout: float = 120.0) -> None:
-        """Block until ``n`` alive nodes have registered (via a short-lived subprocess driver)."""
+    def wait_nodes(self, n: int, timeout: float = 300.0) -> None:
+        """Block until ``n`` alive nodes have registered (via short-lived subprocess drivers; slow on a busy box)."""
         code = (
             "import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False);"
             "print(sum(1 for x in ray.nodes() if x['Alive']))"
         )
         deadline = time.monotonic() + timeout
-        while True:
-            r = subprocess.run([sys.executable, "-c", code, self.gcs_address], env=cluster_env(),
-                               capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                r = subprocess.run([sys.executable, "-c", code, self.gcs_address], env=cluster_env(),
+                                   capture_output=True, text=True, timeout=90)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                last = "driver timed out"
+                continue
             if r.returncode == 0 and int(r.stdout.strip().splitlines()[-1]) >= n:
                 return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Ray cluster did not reach {n} nodes: {r.stdout} {r.stderr[-2000:]}")
+            last = r.stdout + r.stderr[-2000:]
             time.sleep(1.0)
+        raise TimeoutError(f"Ray cluster did not reach {n} nodes: {last}")
 
     def logs(self, pattern: str) -> str:
         """The tails of this cluster's log files matching ``pattern`` (for failure messages)."""

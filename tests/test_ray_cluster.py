@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from _ray_cluster import REPO, LocalCluster, cluster_env
+
 from pipelines.core.shards import read_table
+
+pytestmark = pytest.mark.slow  # each test starts Ray processes (about 20-60 s each on 2 busy cores)
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +107,10 @@ def test_driver_sigkill_stops_cluster_workers(head, tmp_path):
 
 
 def test_driver_sigkill_with_local_ray_leaves_no_processes(tmp_path):
-    from _ray_cluster import processes_with
-
     import shutil
     import tempfile
+
+    from _ray_cluster import processes_with
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     beat = tmp_path / "beat.txt"

@@ -34,7 +34,7 @@ from pipelines.core.shards import (
     ShardWriter,
     atomic_write_bytes,
 )
-from pipelines.core.stage import Drop, Fail, Partition, Stage
+from pipelines.core.stage import ARROW_BATCH, Drop, Fail, Partition, Stage
 from schemas.sample import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,9 @@ def run_partition(
                     outcome.message,
                     outcome.file,
                 )
+            elif isinstance(outcome, ARROW_BATCH):  # a batch of written rows (Stage batch interface)
+                writer.add_table(outcome)
+                res.written += outcome.num_rows
             else:
                 writer.add(outcome)
                 res.written += 1
