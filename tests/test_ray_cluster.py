@@ -7,6 +7,7 @@ with a private token) and runs the CLI as a separate driver process, as a user w
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -125,3 +126,25 @@ def test_driver_sigkill_with_local_ray_leaves_no_processes(tmp_path):
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not names, f"Ray processes of the killed run are still alive: {names}"
     assert not [p for p in pids if _alive(p)]
+
+
+def test_two_node_cluster_uses_both_nodes_and_matches_local(sample_data, tmp_path):
+    c = LocalCluster()
+    try:
+        c.start_head(cpus=1)
+        c.add_node(cpus=1)
+        c.wait_nodes(2)
+        runs = {}
+        for engine, extra in (("local", None), ("ray", {"RAY_ADDRESS": c.gcs_address})):
+            cmd = [sys.executable, "-m", "pipelines.cli", "extract", "--dataset", "nuplan", "--input",
+                   str(sample_data.nuplan), "--out", str(tmp_path / engine), "--engine", engine, "--workers", "2"]  # fmt: skip
+            r = subprocess.run(cmd, env=cluster_env(extra), cwd=REPO, capture_output=True, text=True, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            runs[engine] = r.stderr
+    finally:
+        c.stop()
+    assert "2 Ray workers on 2 nodes" in runs["ray"], runs["ray"][-3000:]
+    nodes = set(re.findall(r"partition \S+ done on node (\w+)", runs["ray"]))
+    assert len(nodes) == 2, runs["ray"][-3000:]
+    ray_t, local_t = (read_table(tmp_path / e / "extract" / "nuplan") for e in ("ray", "local"))
+    assert ray_t.num_rows > 0 and ray_t.equals(local_t)

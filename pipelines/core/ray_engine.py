@@ -65,8 +65,10 @@ class _PartitionWorker:
         stage.setup()
 
     def run(self, pid: str, payload: str) -> dict[str, Any]:
+        import ray
+
         res = run_partition(self.stage, Partition(pid, json.loads(payload)), self.out_dir, **self.kwargs)
-        return {**res.to_json(), "skipped": res.skipped}
+        return {**res.to_json(), "skipped": res.skipped, "node_id": ray.get_runtime_context().get_node_id()}
 
     def where(self) -> dict[str, Any]:
         import ray
@@ -123,8 +125,9 @@ def run_on_ray(
                         results.append(PartitionResult(partition=p.id, error="no Ray worker left"))
                     todo.clear()
                 continue
+            node = d.pop("node_id")
             results.append(PartitionResult(**d))
-            log.debug("%s: partition %s done (%d/%d)", stage.name, part.id, len(results), len(parts))
+            log.info("%s: partition %s done on node %s (%d/%d)", stage.name, part.id, node[:12], len(results), len(parts))
             submit(worker)
     finally:
         for w in workers:
