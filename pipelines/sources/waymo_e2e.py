@@ -392,9 +392,8 @@ class WaymoE2ESource(Source):
                     self.root,
                 )
                 continue
-            cache = index_cache_dir()
             with ThreadPoolExecutor(max(1, min(self.options.index_threads, len(files)))) as pool:
-                indexes = list(pool.map(lambda f: index_file_cached(f, cache), files))
+                indexes = list(pool.map(index_file_cached, files, [index_cache_dir()] * len(files)))
             units.extend(self._group(split, indexes))
         return sorted(units, key=lambda u: u.key)
 
