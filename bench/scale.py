@@ -9,9 +9,10 @@
 * ``peak_rss_mb``: peak RSS of one extract worker (a fresh process: stage
   setup + one partition) per source, on generated input at 1x and 10x size
   (10x: ten times the scenes / logs / segments; the worker runs the same
-  first partition); ``ratio`` = 10x / 1x (goal: within 1.10).
+  first partition, one unit per partition); ``ratio`` = 10x / 1x (goal: within 1.10).
+  Measured as the worker process's ``VmHWM``.
 
-Usage: ``python bench/scale.py [--rows 4096] [--image-size 320x200] [--skip-cluster]``.
+Usage: ``python bench/scale.py [--rows 4096] [--image-size 320x200] [--parts tokenize,rss,cluster]``.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def bench_two_node(work: Path) -> dict:
 # --------------------------------------------------------------------------- peak RSS per worker
 
 WORKER = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from pipelines.config import load_config
 from pipelines.core.runner import run_partition
@@ -143,13 +144,16 @@ from pipelines.core.stage import Partition
 from pipelines.sources.base import ExtractConfig
 from pipelines.stages.extract import ExtractStage
 dataset, inp, part_file, out = sys.argv[1:5]
-cfg = load_config(ExtractConfig, str(Path("configs/extract") / f"{dataset}.yaml"), [f"input={inp}"])
+cfg = load_config(ExtractConfig, str(Path("configs/extract") / f"{dataset}.yaml"),
+                  [f"input={inp}", "units_per_partition=1"])
 stage = ExtractStage(cfg)
 p = json.loads(Path(part_file).read_text())
 stage.setup()
 res = run_partition(stage, Partition(p["id"], p["payload"]), Path(out))
 assert res.error is None, res.error
-print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": res.written}))
+# VmHWM: this process's peak RSS (ru_maxrss would carry the forking parent's peak across exec)
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+print(json.dumps({"rss_mb": hwm / 1024, "rows": res.written}))
 """
 
 DRIVER = """
@@ -159,7 +163,8 @@ from pipelines.config import load_config
 from pipelines.sources.base import ExtractConfig
 from pipelines.stages.extract import ExtractStage
 dataset, inp, part_file = sys.argv[1:4]
-cfg = load_config(ExtractConfig, str(Path("configs/extract") / f"{dataset}.yaml"), [f"input={inp}"])
+cfg = load_config(ExtractConfig, str(Path("configs/extract") / f"{dataset}.yaml"),
+                  [f"input={inp}", "units_per_partition=1"])
 parts = ExtractStage(cfg).partitions()
 Path(part_file).write_text(json.dumps({"id": parts[0].id, "payload": dict(parts[0].payload), "n": len(parts)}))
 """
@@ -195,16 +200,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=4096, help="tokenize rows (tiled from extracted WOD-E2E rows)")
     ap.add_argument("--image-size", default="320x200", help="camera resolution WxH for the tokenize rows")
-    ap.add_argument("--skip-cluster", action="store_true", help="skip the two-node Ray extract measurement")
+    ap.add_argument("--parts", default="tokenize,rss,cluster",
+                    help="comma-separated measurements to run: tokenize, rss, cluster (skipped ones print null)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     w, h = (int(v) for v in args.image_size.lower().split("x"))
     result: dict = {"bench": "scale", "cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="drivevla-scale-") as tmp:
         work = Path(tmp)
-        result["tokenize"] = bench_tokenize(work, args.rows, (w, h))
-        result["peak_rss_mb"] = bench_rss(work)
-        result["extract_two_node"] = None if args.skip_cluster else bench_two_node(work)
+        parts = set(args.parts.split(","))
+        result["tokenize"] = bench_tokenize(work, args.rows, (w, h)) if "tokenize" in parts else None
+        result["peak_rss_mb"] = bench_rss(work) if "rss" in parts else None
+        result["extract_two_node"] = bench_two_node(work) if "cluster" in parts else None
     print(json.dumps(result, sort_keys=True))
 
 

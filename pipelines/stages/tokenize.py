@@ -95,7 +95,7 @@ class TokenizeStage(Stage):
                 yield Drop(sample_ids[i], NO_FUTURE, path)
         if ok.any():
             # The written rows stay Arrow: select them, append the token column (images are never decoded).
-            kept = table.filter(pa.array(ok)) if not ok.all() else table
+            kept = keep_rows(table, ok)
             tokens = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), pa.int16()), FUTURE_STEPS)
             name = ACTION_TOKENS_FIELD.name
             if name in kept.column_names:
@@ -103,6 +103,15 @@ class TokenizeStage(Stage):
             else:
                 kept = kept.append_column(ACTION_TOKENS_FIELD, tokens)
             yield kept.cast(self.output_schema)
+
+
+def keep_rows(table: pa.Table, mask: np.ndarray) -> pa.Table:
+    """The rows where ``mask``, as zero-copy slices of ``table`` (``filter`` would copy every image)."""
+    if mask.all():
+        return table
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], mask.astype(np.int8), [0]))))
+    runs = [table.slice(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    return pa.concat_tables(runs) if runs else table.slice(0, 0)
 
 
 def encode_ids(
