@@ -90,11 +90,25 @@ def bench_tokenize(work: Path, rows: int, image_size: tuple[int, int]) -> dict:
     t0 = time.perf_counter()
     tok.encode(fut)
     enc = time.perf_counter() - t0
+    # For reference, the row path this stage used before issue 12 (to_pylist, add the column, from_pylist).
+    from pipelines.core.shards import write_table_atomic
+    from pipelines.stages.tokenize import encode_column
+
+    t0 = time.perf_counter()
+    for k, shard in enumerate(sorted(tiled.glob("*.parquet"))):
+        table = pq.read_table(shard)
+        tokens, _ = encode_column(tok, table.column("future"))
+        rows_ = table.to_pylist()
+        for row, t in zip(rows_, tokens, strict=True):
+            row["action_tokens"] = t
+        write_table_atomic(pa.Table.from_pylist(rows_, schema=stage.output_schema), work / "rowpath" / f"{k}.parquet")
+    row_path = time.perf_counter() - t0
     return {
         "rows": rows,
         "image_size": f"{image_size[0]}x{image_size[1]}",
         "end_to_end_rows_per_s": round(rows / e2e, 1),
         "encoder_rows_per_s": round(rows / enc, 1),
+        "row_path_rows_per_s": round(rows / row_path, 1),  # the pre-issue-12 to_pylist path, same run
         "ratio": round(enc / e2e, 3),
     }
 
