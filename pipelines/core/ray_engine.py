@@ -109,7 +109,9 @@ def run_on_ray(
     if not parts:
         return []
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    n = max(1, min(num_workers or cpus, len(parts)))
+    if num_workers and num_workers > cpus:  # more one-CPU actors than CPUs would wait forever for a slot
+        log.warning("%s: --workers %d > %d CPUs in the Ray cluster; using %d", stage.name, num_workers, cpus, cpus)
+    n = max(1, min(num_workers or cpus, cpus, len(parts)))
     log.info("%s: %d partitions on %d Ray workers%s", stage.name, len(parts), n, " (Ray Client)" if is_client_mode() else "")
     # SPREAD places the workers over every node rather than packing the first one.
     actor_cls = ray.remote(_PartitionWorker).options(num_cpus=1, max_restarts=0, scheduling_strategy="SPREAD")
