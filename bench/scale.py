@@ -119,7 +119,7 @@ def bench_tokenize(work: Path, rows: int, image_size: tuple[int, int]) -> dict:
 def bench_two_node(work: Path) -> dict:
     from _ray_cluster import LocalCluster, cluster_env
 
-    src = _generate(work / "src2", "waymo_e2e", {"waymo_segments": {"training": 8}, "waymo_files": {"training": 8}},
+    src = _generate(work / "src2", "waymo_e2e", {"waymo_segments": {"training": 16}, "waymo_files": {"training": 8}},
                     (320, 200))  # fmt: skip
     c = LocalCluster()
     out: dict = {}

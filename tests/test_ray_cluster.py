@@ -103,6 +103,15 @@ def _alive(pid):
         return fh.read().split(") ")[-1][0] != "Z"
 
 
+def _is_ray_worker(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            cmd = fh.read()
+    except OSError:
+        return False
+    return cmd.startswith(b"ray::") or b"default_worker.py" in cmd
+
+
 def test_driver_sigkill_stops_cluster_workers(head, tmp_path):
     beat = tmp_path / "beat.txt"
     pids = _kill_driver_and_watch(beat, {"RAY_ADDRESS": head.gcs_address}, tmp_path)
@@ -117,17 +126,24 @@ def test_driver_sigkill_with_local_ray_leaves_no_processes(tmp_path):
 
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     beat = tmp_path / "beat.txt"
-    # RAY_TMPDIR: the driver's own local Ray keeps its session (and process command lines) under a private dir
-    pids = _kill_driver_and_watch(beat, {"RAY_TMPDIR": str(ray_tmp)}, tmp_path)
-    deadline = time.monotonic() + 20
-    while (left := processes_with([ray_tmp])) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    names = {p.pid: " ".join(p.cmdline())[:120] for p in left.values()}
-    for p in left.values():  # clean up what this test started before failing
-        p.kill()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert not names, f"Ray processes of the killed run are still alive: {names}"
-    assert not [p for p in pids if _alive(p)]
+    try:
+        # RAY_TMPDIR: the driver's own local Ray keeps its session (and process command lines) under a private dir
+        pids = _kill_driver_and_watch(beat, {"RAY_TMPDIR": str(ray_tmp)}, tmp_path)
+        deadline = time.monotonic() + 20
+        while (left := processes_with([ray_tmp])) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        names = {p.pid: " ".join(p.cmdline())[:120] for p in left.values()}
+        assert not names, f"Ray processes of the killed run are still alive: {names}"
+        # workers rename themselves (ray::...), so they are checked by the pids they wrote
+        assert not [p for p in pids if _alive(p)]
+    finally:  # clean up only what this test started: its private temp dir's processes and its workers
+        for p in processes_with([ray_tmp]).values():
+            p.kill()
+        if beat.exists():
+            for pid in {int(line.split()[0]) for line in beat.read_text().splitlines() if line}:
+                if _alive(pid) and _is_ray_worker(pid):  # never a reused pid of someone else's process
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_two_node_cluster_uses_both_nodes_and_matches_local(sample_data, tmp_path):
