@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+# Caches reused across runs (WOD-E2E file indexes) stay private to this test session.
+os.environ.setdefault("DRIVEVLA_CACHE_DIR", tempfile.mkdtemp(prefix="drivevla-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -48,7 +48,7 @@ from pipelines.core.shards import (
     stored_shards,
     uncommitted_shards,
 )
-from pipelines.core.stage import Drop, Fail, Note, Partition, Stage
+from pipelines.core.stage import ARROW_BATCH, Drop, Fail, Note, Partition, Stage
 from pipelines.io import fs
 from pipelines.io.fs import AnyPath
 from schemas.sample import SCHEMA_VERSION
@@ -258,6 +258,9 @@ def run_partition(
                     outcome.message,
                     outcome.file,
                 )
+            elif isinstance(outcome, ARROW_BATCH):  # a batch of written rows (Stage batch interface)
+                writer.add_table(outcome)
+                res.written += outcome.num_rows
             else:
                 writer.add(outcome)
                 res.written += 1

@@ -94,22 +94,49 @@ class ShardWriter:
         self.max_bytes = max_bytes
         self.written: list[str] = []
         self._rows: list[Mapping[str, Any]] = []
+        self._tables: list[pa.Table] = []  # buffered Arrow rows, in order, before self._rows
+        self._n = 0
         self._bytes = 0
 
     def add(self, row: Mapping[str, Any]) -> None:
         self._rows.append(row)
+        self._n += 1
         self._bytes += _row_nbytes(row)
-        if len(self._rows) >= self.max_rows or self._bytes >= self.max_bytes:
+        if self._n >= self.max_rows or self._bytes >= self.max_bytes:
             self.flush()
 
+    def add_table(self, batch: pa.Table | pa.RecordBatch) -> None:
+        """Buffer Arrow rows (columns of ``schema``); shards stay within ``max_rows`` / ``max_bytes``."""
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        if not table.schema.equals(self.schema, check_metadata=True):
+            table = table.select(self.schema.names).cast(self.schema)
+        self._pending_rows_to_table()
+        while table.num_rows:
+            per_row = max(1, table.nbytes // max(1, table.num_rows))
+            room = min(self.max_rows - self._n, max(1, (self.max_bytes - self._bytes) // per_row))
+            head = table.slice(0, room)
+            table = table.slice(head.num_rows)
+            self._tables.append(head)
+            self._n += head.num_rows
+            self._bytes += head.nbytes
+            if self._n >= self.max_rows or self._bytes >= self.max_bytes:
+                self.flush()
+
+    def _pending_rows_to_table(self) -> None:
+        if self._rows:
+            self._tables.append(pa.Table.from_pylist(self._rows, schema=self.schema))
+            self._rows = []
+
     def flush(self) -> None:
-        if not self._rows:
+        if not self._n:
             return
-        table = pa.Table.from_pylist(self._rows, schema=self.schema)
+        self._pending_rows_to_table()
+        table = self._tables[0] if len(self._tables) == 1 else pa.concat_tables(self._tables)
         name = shard_name(self.prefix, len(self.written), self.attempt)
         write_table_atomic(table, self.directory / name)
         self.written.append(name)
-        self._rows = []
+        self._tables = []
+        self._n = 0
         self._bytes = 0
 
 

@@ -4,6 +4,13 @@ Every sample that enters a stage leaves it exactly once (DESIGN.md section 2):
 ``process`` yields a row dict (written), a :class:`Drop` (dropped with a
 machine-readable reason) or a :class:`Fail` (failed with an error class and a
 message). The runner counts them per partition, so counts always add up.
+
+Batch interface: ``process`` may also yield a ``pyarrow.Table`` or
+``RecordBatch`` whose columns follow ``output_schema``: every row of it is
+written, in order, without becoming a Python object. Row-level stages that only
+add or select columns (tokenize, build's row selection) use it so image
+columns stay Arrow buffers end to end; rows they drop or fail are still
+reported one :class:`Drop` / :class:`Fail` each.
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ class Note:
     n: int = 1
 
 
-Outcome = dict[str, Any] | Drop | Fail | Note
+Outcome = dict[str, Any] | Drop | Fail | Note | pa.Table | pa.RecordBatch
+ARROW_BATCH = (pa.Table, pa.RecordBatch)  # isinstance check for a batch of written rows
 
 
 class Stage(ABC):
@@ -85,7 +93,7 @@ class Stage(ABC):
 
     @abstractmethod
     def process(self, partition: Partition) -> Iterator[Outcome]:
-        """Yield one outcome per sample of ``partition``."""
+        """Yield one outcome per sample of ``partition`` (or Arrow batches of written rows, see above)."""
 
     def setup(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Create per-worker resources (called once per worker before any partition)."""

@@ -259,18 +259,24 @@ class NuScenesSource(Source):
                 scene_split.setdefault(name, ours)
         scenes = json.loads((self.root / self.options.version / "scene.json").read_text())
         units, unknown = [], []
+        nusc = None
         for sc in scenes:
             split = scene_split.get(sc["name"])
             if split is None:
                 unknown.append(sc["name"])
             elif split in self.cfg.splits:
+                if nusc is None:  # the full devkit tables: loaded once, here on the driver only
+                    from nuscenes.nuscenes import NuScenes
+
+                    nusc = NuScenes(version=self.options.version, dataroot=str(self.root), verbose=False)
                 units.append(
                     WorkUnit(
                         f"{split}/{sc['name']}",
                         split,
-                        {"scene_token": sc["token"], "scene": sc["name"]},
+                        {"scene_token": sc["token"], "scene": sc["name"], "tables": scene_tables(nusc, sc["token"])},
                     )
                 )
+        del nusc
         if unknown:
             log.warning(
                 "%s: %d scenes are in no split of %s and are skipped: %s",
@@ -282,11 +288,9 @@ class NuScenesSource(Source):
         return sorted(units, key=lambda u: u.key)
 
     def open(self) -> None:
-        if getattr(self, "_nusc", None) is not None:
+        # Workers never load the devkit tables: each unit carries its scene's records (scene_tables).
+        if getattr(self, "_drivelm", None) is not None:
             return
-        from nuscenes.nuscenes import NuScenes
-
-        self._nusc = NuScenes(version=self.options.version, dataroot=str(self.root), verbose=False)
         self._drivelm: dict[str, list[dict[str, str]]] = {}
         if self.options.drivelm_path:
             data = json.loads(Path(self.options.drivelm_path).read_text())
@@ -295,11 +299,58 @@ class NuScenesSource(Source):
                     self._drivelm[token] = drivelm_qa(entry)
 
     def close(self) -> None:
-        self._nusc = None
+        self._drivelm = None
 
     def iter_unit(self, unit: WorkUnit) -> Iterator[Outcome]:
         self.open()
         yield from _SceneReader(self, unit).run()
+
+
+def scene_tables(nusc: Any, scene_token: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """The devkit records one scene needs, by table and token (a slim per-scene index).
+
+    Built on the driver from the loaded devkit (so records carry the devkit's reverse
+    index: ``sample['data']``/``['anns']``, ``sample_annotation['category_name']``);
+    a worker then holds one scene's records instead of every table of the release.
+    Annotation ``prev``/``next`` links stay inside a scene, so velocities need nothing more.
+    """
+    out: dict[str, dict[str, dict[str, Any]]] = {
+        t: {} for t in ("scene", "sample", "sample_data", "ego_pose", "calibrated_sensor", "sample_annotation")
+    }
+    out["scene"][scene_token] = nusc.get("scene", scene_token)
+    tok = out["scene"][scene_token]["first_sample_token"]
+    while tok:
+        s = nusc.get("sample", tok)
+        out["sample"][tok] = s
+        for sd_token in s["data"].values():
+            sd = nusc.get("sample_data", sd_token)
+            out["sample_data"][sd_token] = sd
+            out["ego_pose"][sd["ego_pose_token"]] = nusc.get("ego_pose", sd["ego_pose_token"])
+            cs = sd["calibrated_sensor_token"]
+            out["calibrated_sensor"][cs] = nusc.get("calibrated_sensor", cs)
+        for ann in s["anns"]:
+            out["sample_annotation"][ann] = nusc.get("sample_annotation", ann)
+        tok = s["next"]
+    return out
+
+
+class SceneTables:
+    """The devkit calls the scene reader makes (``get``, ``box_velocity``) over one scene's records."""
+
+    def __init__(self, tables: dict[str, dict[str, dict[str, Any]]]) -> None:
+        self.tables = tables
+
+    def get(self, table: str, token: str) -> dict[str, Any]:
+        try:
+            return self.tables[table][token]
+        except KeyError:
+            raise KeyError(f"{DATASET}: {table} record {token} is not in this scene's index") from None
+
+    def box_velocity(self, sample_annotation_token: str, max_time_diff: float = 1.5) -> np.ndarray:
+        from nuscenes.nuscenes import NuScenes
+
+        # the devkit's own estimate; it reads annotations and samples through self.get only
+        return NuScenes.box_velocity(self, sample_annotation_token, max_time_diff)  # type: ignore[arg-type]
 
 
 class _SceneReader:
@@ -307,7 +358,9 @@ class _SceneReader:
 
     def __init__(self, src: NuScenesSource, unit: WorkUnit) -> None:
         self.src, self.cfg, self.opts = src, src.cfg, src.options
-        self.nusc = src._nusc
+        if "tables" not in unit.payload:
+            raise SourceError(f"{DATASET}: work unit {unit.key} carries no scene tables (made by an older version?)")
+        self.nusc = SceneTables(unit.payload["tables"])
         self.split = unit.split
         self.scene_name: str = unit.payload["scene"]
         scene = self.nusc.get("scene", unit.payload["scene_token"])

@@ -33,8 +33,12 @@ and the directory's files.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import logging
+import os
 import struct
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -226,6 +230,60 @@ def index_file(path: Path) -> FileIndex:
     return out
 
 
+INDEX_CACHE_VERSION = 1  # bump when FileIndex or index_file changes meaning
+
+
+def index_cache_dir() -> Path | None:
+    """Where file indexes are kept between runs: ``$DRIVEVLA_CACHE_DIR/wod_e2e_index`` (default
+    ``$XDG_CACHE_HOME/drivevla`` or ``~/.cache/drivevla``); ``DRIVEVLA_CACHE_DIR=off`` disables it."""
+    base = os.environ.get("DRIVEVLA_CACHE_DIR")
+    if base and base.lower() in ("off", "0", "none"):
+        return None
+    root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "drivevla"
+    return root / "wod_e2e_index"
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()  # a file changed in place gets a new size, mtime or ctime, hence a new key
+    blob = f"{INDEX_CACHE_VERSION}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def index_file_cached(path: Path, cache_dir: Path | None = None) -> FileIndex:
+    """:func:`index_file` reused across runs: cached as JSON keyed by the file's path, size and mtime.
+
+    The cache holds offsets and names only (plain JSON, never pickled); an unreadable
+    entry is ignored and rewritten. Without a cache dir this is :func:`index_file`.
+    """
+    if cache_dir is None:
+        return index_file(path)
+    entry = cache_dir / f"{_cache_key(path)}.json"
+    try:
+        d = json.loads(entry.read_text())
+        err = d["error"]
+        return FileIndex(
+            path,
+            [(str(n), int(o)) for n, o in d["frames"]],
+            TFRecordError(path, int(err[0]), str(err[1])) if err else None,
+            [int(o) for o in d["unnamed"]],
+        )
+    except FileNotFoundError:
+        pass
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        log.warning("%s: ignoring unreadable index cache entry %s (%s)", DATASET, entry, exc)
+    fi = index_file(path)
+    err = [fi.error.offset, fi.error.cause] if fi.error is not None else None
+    blob = json.dumps({"path": str(path), "frames": fi.frames, "error": err, "unnamed": fi.unnamed})
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_text(blob)
+        os.replace(tmp, entry)  # concurrent runs write the same content; last one wins
+    except OSError as exc:  # a read-only cache only costs the re-index next time
+        log.warning("%s: cannot write index cache %s: %s", DATASET, entry, exc)
+    return fi
+
+
 def split_context_name(name: str) -> tuple[str, int] | None:
     """``<segment>-<NNN>`` -> (segment, NNN); None if the name has another form."""
     segment, sep, idx = name.rpartition("-")
@@ -369,7 +427,7 @@ class WaymoE2ESource(Source):
                 )
                 continue
             with ThreadPoolExecutor(max(1, min(self.options.index_threads, len(files)))) as pool:
-                indexes = list(pool.map(index_file, files))
+                indexes = list(pool.map(index_file_cached, files, [index_cache_dir()] * len(files)))
             units.extend(self._group(split, indexes))
         return sorted(units, key=lambda u: u.key)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from annotators.filters import reason_key
 from annotators.schema import ANNOTATION_FIELDS
@@ -229,10 +230,12 @@ class BuildStage(Stage):
         verdicts = _load_verdicts(as_path(pl["filter_dir"]), shard.stem)
         pf = parquet_file(shard)
         present = [c for c in pf.schema_arrow.names if c in BUILD_COLUMNS]
+        val_set = pa.array(sorted(val), pa.string())
         for batch in pf.iter_batches(batch_size=64, columns=present):
-            for row in batch.to_pylist():
-                if (row["scene_id"] in val) != want_val:
-                    continue  # the other split's partition handles it
+            # The other split's rows are skipped in Arrow (the other split's partition handles them),
+            # so only this split's rows, images included, become Python objects for prompt rendering.
+            in_val = pc.fill_null(pc.is_in(batch.column("scene_id"), value_set=val_set), False)
+            for row in batch.filter(in_val if want_val else pc.invert(in_val)).to_pylist():
                 yield self._one(row, verdicts, str(shard))
 
     def _one(self, row: dict[str, Any], verdicts: Mapping[str, dict[str, Any]], file: str) -> Outcome:
