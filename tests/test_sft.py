@@ -88,7 +88,7 @@ def test_labels_masked_outside_assistant_span_and_on_padding(env):
     assert n_act.tolist() == [10, 10]
 
 
-def test_per_sample_weights_and_global_normalisation():
+def test_token_weighting_variant_and_global_normalisation():
     torch.manual_seed(0)
     first, V = 10, 30
     labels = torch.full((3, 6), -100)
@@ -103,15 +103,15 @@ def test_per_sample_weights_and_global_normalisation():
     m, a = lab != -100, (lab >= first) & (lab < first + 8)
     w = torch.tensor([40.0, 1.0, 1.0])[:, None]
     expect = (w * ce * m).sum() / (w * m).sum() + 0.5 * (w * ce * a).sum() / (w * a).sum()
-    kw = dict(slow_weight=40.0, action_weight=0.5, first_action_id=first, num_action_tokens=8)
-    den = local_denominators([{"labels": labels, "is_slow": slow}], 40.0, first, 8)
+    kw = dict(slow_weight=40.0, action_weight=0.5, first_action_id=first, num_action_tokens=8, weighting="token")
+    den = local_denominators([{"labels": labels, "is_slow": slow}], 40.0, first, 8, "token")
     assert den.tolist() == [4 * 40 + 3 + 5, 2 * 40 + 1 + 3]
     full, _ = sft_loss(logits, labels, slow, Denominators(*den.tolist()), **kw)
     torch.testing.assert_close(full, expect)
     # the weight applies to its own sample only: making sample 0 fast changes the expected value exactly
     w1 = torch.ones(3, 1)
     expect_fast = (w1 * ce * m).sum() / m.sum() + 0.5 * (ce * a).sum() / a.sum()
-    den_f = local_denominators([{"labels": labels, "is_slow": ~slow & False}], 40.0, first, 8)
+    den_f = local_denominators([{"labels": labels, "is_slow": ~slow & False}], 40.0, first, 8, "token")
     got_fast, _ = sft_loss(logits, labels, slow & False, Denominators(*den_f.tolist()), **kw)
     torch.testing.assert_close(got_fast, expect_fast)
     # micro-batches normalised by the global denominators sum to the full-batch loss

@@ -40,6 +40,11 @@ class DataConfig:
 class LossConfig:
     slow_weight: float = 40.0  # w_i for slow-thinking samples (fast samples: 1)
     action_weight: float = 1.0  # lambda_a on the action-token CE
+    weighting: str = "sample"  # sample: w_i * each sample's mean token loss | token: w_i on every token
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("sample", "token"):
+            raise ValueError(f"loss.weighting must be sample|token, got {self.weighting!r}")
 
 
 @dataclass(frozen=True)

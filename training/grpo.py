@@ -11,7 +11,9 @@ Per step, for the scenes of this rank (``data.scenes_per_step`` over all ranks):
    of the GPU count), dropout off, per-sample seeds (training/rollout.py);
 2. rewards: parsed, decoded with the codebook and scored on CPU workers
    (training/rewards/); failed rewards are excluded and counted, never 0;
-3. advantages per scene group; groups without spread are dropped (counted);
+3. advantages per scene group; groups without reward spread get advantage 0
+   and stay in the loss normaliser and the KL term (TRL's policy; see
+   training/grpo_loss.py); ``sequences_with_signal`` logs the effective batch;
 4. ``loss.num_iterations`` clipped policy updates over micro-batches with the
    token-level normalised loss (training/grpo_loss.py); KL to the reference
    = the same model with the LoRA adapter disabled (no second copy).
@@ -101,6 +103,7 @@ class RFTConfig:
     keep_last: int = 3
     log_every: int = 1
     resume: str = "auto"  # auto (latest in out_dir) | none | <checkpoint dir>
+    train_action_tokens: bool = True  # LoRA RFT also trains the K action rows of embed_tokens/lm_head
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32") or self.parallel not in ("auto", "ddp", "fsdp", "none"):
@@ -134,26 +137,44 @@ class Dist:
         return t.tolist()
 
 
-def apply_rft_lora(model: Any, cfg: ModelConfig) -> Any:
-    """LoRA on the language model's projections only.
+def apply_rft_lora(model: Any, cfg: ModelConfig, action_ids: Any = None) -> Any:
+    """LoRA on the language model's projections, plus the action tokens' rows when ``action_ids`` is given.
 
-    Unlike SFT's LoRA (training.model.apply_lora) the embeddings and LM head
-    stay frozen: the action tokens were learned in SFT, and disabling the
-    adapter must give back exactly the SFT policy as the KL reference.
+    The rest of the embeddings and LM head stay frozen. The K action rows of
+    ``embed_tokens`` and ``lm_head`` are trained as peft *trainable tokens*
+    (``trainable_token_indices``: a delta on those rows only, part of the
+    adapter): without them the policy's only handle on which action token it
+    emits is the low-rank update of the last hidden state, and the reference
+    policy (adapter disabled, which disables the token deltas too) stays
+    exactly the SFT model.
     """
     from peft import LoraConfig, get_peft_model
 
+    extra: dict[str, Any] = {}
+    if action_ids is not None:
+        rows = list(range(action_ids.first, action_ids.first + action_ids.count))
+        extra["trainable_token_indices"] = {"embed_tokens": rows}
+        out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight is not emb.weight:  # tied: peft follows embed_tokens itself
+            extra["trainable_token_indices"]["lm_head"] = rows
     lcfg = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")",
+        **extra,
     )
     return get_peft_model(model, lcfg)
 
 
 def load_policy(cfg: RFTConfig, num_action_tokens: int, device: torch.device) -> tuple[Any, Any]:
-    """The SFT model (merging an SFT LoRA checkpoint first) plus a fresh RFT LoRA when ``model.lora``."""
+    """The SFT model (merging an SFT LoRA checkpoint first) plus a fresh RFT LoRA when ``model.lora``.
+
+    The processor (pixel budget) is the checkpoint's: with an SFT LoRA
+    checkpoint it is read from the checkpoint directory, not the base model.
+    """
+    from training.vision import ClipProcessor
+
     path = Path(cfg.model.path)
     base_cfg = replace(cfg.model, lora=False)
     if (path / "adapter_config.json").is_file():  # an SFT LoRA checkpoint: base + adapter, merged
@@ -162,16 +183,20 @@ def load_policy(cfg: RFTConfig, num_action_tokens: int, device: torch.device) ->
         base = (path / "base_model.txt").read_text().strip() if (path / "base_model.txt").is_file() else ""
         if not base:
             raise FileNotFoundError(f"LoRA checkpoint {path} has no base_model.txt naming its base model")
-        model, processor, _ = load_model(replace(base_cfg, path=base), num_action_tokens)
+        model, _, ids = load_model(replace(base_cfg, path=base, min_pixels=None, max_pixels=None),
+                                   num_action_tokens)
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        processor = ClipProcessor.from_pretrained(path, min_pixels=cfg.model.min_pixels,
+                                                  max_pixels=cfg.model.max_pixels)
     else:
-        model, processor, _ = load_model(base_cfg, num_action_tokens)
+        model, processor, ids = load_model(base_cfg, num_action_tokens)
     if cfg.disable_dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     if cfg.model.lora:
-        model = apply_rft_lora(model, replace(cfg.model, lora_dropout=0.0) if cfg.disable_dropout else cfg.model)
+        mcfg = replace(cfg.model, lora_dropout=0.0) if cfg.disable_dropout else cfg.model
+        model = apply_rft_lora(model, mcfg, ids if cfg.train_action_tokens else None)
     return model.to(device), processor
 
 
@@ -230,7 +255,11 @@ class Trainer:
         adv = group_advantages(res.total, G, scale_by_std=cfg.loss.scale_by_std, eps=cfg.loss.eps)
         truncated = np.array([g.truncated for _, g in flat])
         train = adv.valid & ~(truncated & cfg.loss.mask_truncated)
-        upd = self.update([examples[i] for i, _ in flat], [g.token_ids for _, g in flat], adv.advantages, train)
+        # Zero-advantage sequences only matter through the KL term: without it they are left out of
+        # the forward passes but still counted in the token normaliser (same loss, less compute).
+        forward = train if cfg.loss.kl_beta > 0 else train & adv.signal
+        upd = self.update([examples[i] for i, _ in flat], [g.token_ids for _, g in flat], adv.advantages, forward,
+                          normaliser=train)
         m = self.metrics(res, comps, adv, train, truncated)
         m.update(upd, time_generate=t_gen, time_reward=t_rew, time_step=time.perf_counter() - t0)
         return m
@@ -253,9 +282,13 @@ class Trainer:
             return completion_logprobs(self.model, batch, self.cfg.rollout.temperature, self.backend.banned_ids)
 
     def update(self, examples: Sequence[Mapping[str, Any]], completions: Sequence[np.ndarray],
-               advantages: np.ndarray, keep: np.ndarray) -> dict[str, float]:
+               advantages: np.ndarray, keep: np.ndarray, normaliser: np.ndarray | None = None) -> dict[str, float]:
+        """Policy updates on the ``keep`` sequences; the loss is divided by the completion tokens of
+        ``normaliser`` (default ``keep``) over all ranks."""
         cfg = self.cfg
         mbs = self._micro_batches(keep)
+        norm = keep if normaliser is None else normaliser
+        local_tokens = float(sum(len(completions[i]) for i in np.flatnonzero(norm)))
         batches = []
         for ids, w in mbs:
             b = collate_sequences([examples[i] for i in ids], [completions[i] for i in ids], self.pad_id)
@@ -263,9 +296,11 @@ class Trainer:
             b["completion_mask"] = b["completion_mask"] * w
             b["advantages"] = torch.tensor(advantages[ids], dtype=torch.float32, device=self.device)
             batches.append(b)
-        tokens = self.dist.all_sum([float(sum(b["completion_mask"].sum().item() for b in batches))], self.device)[0]
+        tokens = self.dist.all_sum([local_tokens], self.device)[0]
+        fwd_tokens = self.dist.all_sum([float(sum(b["completion_mask"].sum().item() for b in batches))],
+                                       self.device)[0]
         out = {"loss": 0.0, "grad_norm": 0.0, "tokens_trained": tokens}
-        if tokens == 0:  # every group dropped on every rank: nothing to learn from this batch
+        if fwd_tokens == 0:  # no sequence with a gradient on any rank: nothing to learn from this batch
             return out
         self.model.train()
         if cfg.loss.kl_beta > 0:
@@ -322,8 +357,8 @@ class Trainer:
         total = np.asarray(res.total, dtype=np.float64)
         vals += [float(np.nansum(total)), float((~np.isnan(total)).sum()), float(res.failed.sum()),
                  float(sum(c.is_slow for c in comps)), float(sum(c.format_error is None for c in comps)),
-                 float(sum(c.num_tokens for c in comps)), float(truncated.sum()), float(adv.dropped_groups),
-                 float(adv.num_groups), float(train.sum())]
+                 float(sum(c.num_tokens for c in comps)), float(truncated.sum()), float(adv.zero_spread_groups),
+                 float(adv.num_groups), float(train.sum()), float((train & adv.signal).sum())]
         tot = self.dist.all_sum(vals, self.device)
         n = tot[0]
         out = {}
@@ -340,14 +375,21 @@ class Trainer:
             "format_ok_share": rest[4] / n,
             "completion_tokens_mean": rest[5] / n,
             "truncated_share": rest[6] / n,
-            "dropped_groups": rest[7],
+            "zero_spread_groups": rest[7],
             "groups": rest[8],
-            "sequences_trained": rest[9],
+            "sequences_trained": rest[9],  # in the loss (normaliser, KL)
+            "sequences_with_signal": rest[10],  # the effective batch: non-zero advantage
         })
         return out
 
 
 # --------------------------------------------------------------------------- the run
+
+
+def json_line(metrics: Mapping[str, Any]) -> str:
+    """Strict JSON: a NaN/inf figure (e.g. a reward no completion had) is written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 def build_optimizer(model: Any, cfg: RFTOptimConfig) -> tuple[torch.optim.Optimizer, Any]:
@@ -430,7 +472,7 @@ def train(cfg: RFTConfig) -> dict[str, float]:
             if dist.rank == 0 and (step + 1) % cfg.log_every == 0:
                 log.info("step %d %s", step + 1, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
                 with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                    f.write(json_line(metrics) + "\n")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
                 state = {"step": step + 1, "epoch": epoch, "batch": batch_pos,
                          "reward_failures": json.dumps(dict(runner.failures_total))}
@@ -460,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(RFTConfig, args.config, overrides)
     m = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in m.items()}))
+        print(json_line({k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}))
     return 0
 
 
