@@ -122,6 +122,8 @@ class ClipProcessor:
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "min_pixels": self.min_pixels,  # the older key names, read by vLLM/transformers too
+            "max_pixels": self.max_pixels,
         }
         (out / "preprocessor_config.json").write_text(
             json.dumps({**common, "image_processor_type": "Qwen2VLImageProcessor",
