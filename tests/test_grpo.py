@@ -312,7 +312,8 @@ def test_cli_runs_checkpoints_and_resumes(tiny, tmp_path, capsys, lora):
     out = tmp_path / "rft"
     common = ["--config", "configs/train/rft_tiny.yaml", "--set", f"model.path={tiny}",
               "--set", f"data.train_files={build}/train-*.parquet", "--set", f"data.codebook_dir={codebook}",
-              "--set", f"out_dir={out}", "--set", "save_every=1", "--set", "rollout.max_new_tokens=8"]
+              "--set", f"out_dir={out}", "--set", "save_every=1", "--set", "rollout.max_new_tokens=8",
+              "--set", f"eval_files={build}/train-*.parquet", "--set", "eval_samples=2"]
     if not lora:  # full-parameter RFT resumes from the checkpoint's full weights (no KL reference)
         common += ["--set", "model.lora=false", "--set", "loss.kl_beta=0.0"]
     assert main([*common, "--set", "max_steps=2"]) == 0
@@ -324,6 +325,10 @@ def test_cli_runs_checkpoints_and_resumes(tiny, tmp_path, capsys, lora):
                 "sequences_with_signal",
                 "slow_share", "completion_tokens_mean", "reward_failed", "reward/total_count"):
         assert key in lines[-1], key
+    # held-out reward before the first step and after the last step of each run (strict JSON)
+    evals = [json.loads(x, parse_constant=_no_nan) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["eval_step"] for e in evals] == [0, 2, 3]
+    assert all(e["eval/samples"] == 2 and "eval/reward_total" in e for e in evals)
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     assert (out / "checkpoints" / "step_0000003" / weights).is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3

@@ -80,6 +80,7 @@ class TrainConfig:
     wandb_project: str = ""  # logged when set and wandb is installed
     tensorboard: bool = False
     peak_tflops: float = 989.0  # per device, for the MFU estimate (H100 bf16 dense)
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default (tiny models: 1 is fastest)
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):

@@ -50,6 +50,7 @@ from training.rewards import RewardRunner, RewardsConfig
 from training.rewards.base import Completion
 from training.rollout import (
     ActionDecoder,
+    Generation,
     HFGenerateBackend,
     RolloutConfig,
     collate_sequences,
@@ -57,7 +58,7 @@ from training.rollout import (
     sample_seed,
     to_completion,
 )
-from training.sft import autocast_ctx, init_distributed, parallel_mode, wrap_model
+from training.sft import autocast_ctx, init_distributed, parallel_mode, set_cpu_threads, wrap_model
 
 log = logging.getLogger("training.grpo")
 
@@ -104,6 +105,10 @@ class RFTConfig:
     log_every: int = 1
     resume: str = "auto"  # auto (latest in out_dir) | none | <checkpoint dir>
     train_action_tokens: bool = True  # LoRA RFT also trains the K action rows of embed_tokens/lm_head
+    eval_files: str = ""  # held-out shards: greedy-decoded and scored before training and every eval_every steps
+    eval_every: int = 0  # steps; 0 = only before the first and after the last step (when eval_files is set)
+    eval_samples: int = 16  # held-out rows scored per evaluation
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default (tiny models: 1 is fastest)
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32") or self.parallel not in ("auto", "ddp", "fsdp", "none"):
@@ -167,6 +172,21 @@ def apply_rft_lora(model: Any, cfg: ModelConfig, action_ids: Any = None) -> Any:
     return get_peft_model(model, lcfg)
 
 
+def resolve_policy_path(mcfg: ModelConfig) -> Path:
+    """``model.path`` as a checkpoint: a run directory (e.g. ``out/sft_tiny``) means its latest step."""
+    p = Path(mcfg.path)
+    if (p / "checkpoints").is_dir():
+        from training.loading import resolve_checkpoint
+
+        return resolve_checkpoint(p)
+    if mcfg.build_tiny_if_missing or (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+        return p
+    if p.exists() or p.is_absolute() or p.parts[0] in (".", "..", "out", "data") or Path(p.parts[0]).exists():
+        raise FileNotFoundError(f"model.path {p} holds no checkpoint: run `make train` first (or point "
+                                "model.path at a checkpoint / run directory)")
+    return p  # a Hub id
+
+
 def load_policy(cfg: RFTConfig, num_action_tokens: int, device: torch.device) -> tuple[Any, Any]:
     """The SFT model (merging an SFT LoRA checkpoint first) plus a fresh RFT LoRA when ``model.lora``.
 
@@ -175,8 +195,8 @@ def load_policy(cfg: RFTConfig, num_action_tokens: int, device: torch.device) ->
     """
     from training.vision import ClipProcessor
 
-    path = Path(cfg.model.path)
-    base_cfg = replace(cfg.model, lora=False)
+    path = resolve_policy_path(cfg.model)
+    base_cfg = replace(cfg.model, path=str(path), lora=False)
     if (path / "adapter_config.json").is_file():  # an SFT LoRA checkpoint: base + adapter, merged
         from peft import PeftModel
 
@@ -383,6 +403,45 @@ class Trainer:
         return out
 
 
+# --------------------------------------------------------------------------- held-out reward
+
+
+@torch.no_grad()
+def heldout_reward(trainer: Trainer, rows: Any, n: int) -> dict[str, float]:
+    """Greedy-decode the first ``n`` held-out rows and score them with the training rewards.
+
+    Returns ``eval/reward_total`` (mean total reward), ``eval/reward_driving``
+    (mean driving reward; malformed outputs get ``rewards.invalid_driving``)
+    and ``eval/format_ok_share``: the learning signal RFT is meant to raise,
+    measured on scenes it never trains on.
+    """
+    from training.data import collate
+    from training.eval import generate
+
+    model = _inner(trainer.model)
+    was = model.training
+    model.eval()
+    comps, metas = [], []
+    bs = trainer.cfg.rollout.generation_batch_size
+    for s in range(0, min(n, len(rows)), bs):
+        exs = [rows[i] for i in range(s, min(s + bs, n, len(rows)))]
+        batch = collate(exs, trainer.pad_id, padding_side="left")
+        with trainer.autocast():
+            texts = generate(model, batch, trainer.tokenizer, trainer.cfg.rollout.max_new_tokens)
+        for text, ex in zip(texts, exs, strict=True):
+            ids = trainer.tokenizer(text, add_special_tokens=False)["input_ids"]
+            gen = Generation(np.asarray(ids, np.int64), text, "<|im_end|>" not in text)
+            comps.append(to_completion(gen, trainer.decoder))
+            metas.append(ex["meta"])
+    model.train(was)
+    res = trainer.score(metas, comps)
+    driving = np.asarray(res.components.get("driving", np.full(len(comps), np.nan)), np.float64)
+    total = np.asarray(res.total, np.float64)
+    return {"eval/reward_total": float(np.nanmean(total)), "eval/reward_driving": float(np.nanmean(driving)),
+            "eval/format_ok_share": float(np.mean([c.format_error is None for c in comps])),
+            "eval/samples": float(len(comps))}
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -412,6 +471,7 @@ def train(cfg: RFTConfig) -> dict[str, float]:
     from training.data import BuiltRows, LengthGroupedBatchSampler, ShardIndex
 
     rank, world, device = init_distributed()
+    set_cpu_threads(cfg.cpu_threads, device)
     dist = Dist(rank, world, parallel_mode(cfg, world))  # type: ignore[arg-type]
     torch.manual_seed(cfg.seed)
     k = cfg.model.num_action_tokens or read_num_action_tokens(cfg.data.codebook_dir)
@@ -425,6 +485,7 @@ def train(cfg: RFTConfig) -> dict[str, float]:
     if ckpt is not None and not cfg.model.lora:  # full-parameter RFT: the checkpoint is the whole policy
         policy_cfg = replace(cfg, model=replace(cfg.model, path=str(ckpt), build_tiny_if_missing=False))
     model, processor = load_policy(policy_cfg, k, device)
+    policy_path = resolve_policy_path(cfg.model) if cfg.model.lora else Path(cfg.model.path)
     if ckpt is not None and cfg.model.lora:
         load_adapter(model, ckpt)
     model = wrap_model(model, dist.mode, cfg, device)  # type: ignore[arg-type]
@@ -454,6 +515,23 @@ def train(cfg: RFTConfig) -> dict[str, float]:
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "rft_config.yaml")
+    eval_rows = None
+    if cfg.eval_files and dist.rank == 0:
+        eval_rows = BuiltRows(ShardIndex.from_glob(cfg.eval_files), processor, num_action_tokens=k,
+                              cameras=cfg.data.cameras, with_target=False,
+                              check_stored_messages=cfg.data.check_stored_messages)
+
+    def run_eval(at_step: int) -> None:
+        if eval_rows is None:
+            return
+        ev = heldout_reward(trainer, eval_rows, cfg.eval_samples)
+        ev["eval_step"] = at_step
+        log.info("held-out at step %d: %s", at_step, " ".join(f"{k2}={v:.4g}" for k2, v in sorted(ev.items())))
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json_line(ev) + "\n")
+
+    if start == 0:
+        run_eval(0)
     metrics: dict[str, float] = {}
     sampler.set_epoch(epoch, batch_pos)
     it = iter(sampler)
@@ -477,7 +555,9 @@ def train(cfg: RFTConfig) -> dict[str, float]:
                 state = {"step": step + 1, "epoch": epoch, "batch": batch_pos,
                          "reward_failures": json.dumps(dict(runner.failures_total))}
                 save_checkpoint(cfg.out_dir, step + 1, model, optimizer, scheduler, processor, state, cfg,
-                                rank=dist.rank, keep_last=cfg.keep_last, base_model_path=cfg.model.path)
+                                rank=dist.rank, keep_last=cfg.keep_last, base_model_path=str(policy_path))
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps:
+                run_eval(step + 1)
     finally:
         runner.close()
         if dist.world > 1:

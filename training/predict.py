@@ -54,9 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-samples", type=int, default=None, help="stop after this many rows")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="torch intra-op threads on CPU (0: default)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    import torch
+
+    if args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
     from training.data import BuiltRows, ShardIndex, collate
     from training.eval import codebook_decoder, generate, make_record
     from training.loading import load_merged

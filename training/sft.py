@@ -89,6 +89,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def set_cpu_threads(n: int, device: torch.device) -> None:
+    """Intra-op threads on CPU: on a tiny model extra threads only add synchronisation (measured on
+    2 shared cores: forward+backward of 8 demo rows 5.6 s with 2 threads, 0.15 s with 1)."""
+    if n > 0 and device.type == "cpu":
+        torch.set_num_threads(n)
+
+
 def all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if dist.is_initialized():
         t = t.to(device)
@@ -236,6 +243,7 @@ def _emit(loggers: list[Any], metrics: dict[str, float], step: int) -> None:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run SFT per ``cfg``; returns the last step's metrics (and ``history`` of logged losses)."""
     rank, world, device = init_distributed()
+    set_cpu_threads(cfg.cpu_threads, device)
     torch.manual_seed(cfg.seed)
     mode = parallel_mode(cfg, world)
     if mode == "fsdp" and cfg.eval_every:
