@@ -33,6 +33,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class ModelConfig:
     path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     build_tiny_if_missing: bool = False  # build training.tiny's model at `path` when it does not exist
+    tiny_hidden_size: int = 64  # size of that tiny model (only used when it is built)
+    tiny_layers: int = 2
     num_action_tokens: int | None = None  # None: read K from <data>/codebook/codebook.json
     freeze_vision: bool = True
     lora: bool = False
@@ -146,7 +148,7 @@ def load_model(cfg: ModelConfig, num_action_tokens: int, device: Any = "cpu") ->
         from training.tiny import build_tiny_qwen25vl
 
         log.info("no model at %s: building the tiny test model there", path)
-        build_tiny_qwen25vl(path)
+        build_tiny_qwen25vl(path, hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         cfg.path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
     )
