@@ -147,7 +147,7 @@ def test_overfit_eight_samples(env, overfit):
 
 
 @pytest.mark.slow
-def test_rft_from_the_sft_run_trains_every_step_and_raises_reward(env, overfit, tmp_path):
+def test_rft_from_the_sft_run_trains_on_every_completion_every_step(env, overfit, tmp_path):
     """The shorter `make rft`: GRPO from the SFT run directory (its latest checkpoint), LoRA + action rows."""
     from training.grpo import main
 
