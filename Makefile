@@ -12,7 +12,14 @@ DATASET ?= waymo_e2e
 ENGINE ?= ray
 ARGS ?=
 
-.PHONY: venv test demo lint typecheck extract codebook annotate build train rft push bench clean
+# make eval / export / predict: CHECKPOINT is a checkpoint or a run directory (its latest step).
+CHECKPOINT ?= out/sft_tiny
+ENDPOINT ?=
+SERVED_MODEL ?=
+EXPORT ?= out/export
+SPLIT ?= validation
+
+.PHONY: venv test demo lint typecheck extract codebook annotate build train rft eval export predict push bench clean
 
 venv: $(STAMP)
 
@@ -57,6 +64,17 @@ train: venv
 
 rft: venv
 	$(PY) -m training.grpo $(ARGS)
+
+eval: venv
+	$(PY) -m training.eval $(if $(ENDPOINT),--endpoint $(ENDPOINT) $(if $(SERVED_MODEL),--served-model $(SERVED_MODEL)),--checkpoint $(CHECKPOINT)) \
+		--data "$(DATA)/build/shards/$(SPLIT)-*.parquet" --codebook $(DATA)/codebook $(ARGS)
+
+export: venv
+	$(PY) -m training.export --checkpoint $(CHECKPOINT) --out $(EXPORT) --codebook $(DATA)/codebook $(ARGS)
+
+predict: venv
+	$(PY) -m training.predict --checkpoint $(CHECKPOINT) --data $(DATA)/build/shards --codebook $(DATA)/codebook \
+		--max-samples 4 $(ARGS)
 
 push: venv
 	@test -n "$(REPO)" || { echo "usage: make push REPO=org/name" >&2; exit 2; }

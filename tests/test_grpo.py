@@ -18,11 +18,14 @@ K = 16  # action tokens in the tiny model
 # --------------------------------------------------------------------------- loss
 
 
-def test_group_advantages_std_dr_grpo_dropped_and_failed():
+def test_group_advantages_std_dr_grpo_zero_spread_and_failed():
     r = np.array([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5, 2.0, np.nan, 0.0, 1.0])
     a = group_advantages(r, 4)
-    assert a.num_groups == 3 and a.dropped_groups == 1  # the constant group carries no signal
-    assert a.valid.tolist() == [True] * 4 + [False] * 4 + [True, False, True, True]
+    assert a.num_groups == 3 and a.zero_spread_groups == 1  # the constant group carries no signal
+    # ... but stays in the loss (normaliser, KL): only the failed reward is left out
+    assert a.valid.tolist() == [True] * 8 + [True, False, True, True]
+    assert a.signal.tolist() == [True] * 4 + [False] * 4 + [True, False, True, True]
+    assert (a.advantages[4:8] == 0).all()
     np.testing.assert_allclose(a.advantages[:4], [0.866, -0.866, 0.866, -0.866], atol=1e-3)  # unbiased std
     assert a.advantages[9] == 0.0  # a failed reward is excluded, not scored
     np.testing.assert_allclose(a.advantages[[8, 10, 11]].sum(), 0.0, atol=1e-9)
@@ -205,9 +208,9 @@ def test_grpo_step_updates_only_lora_weights(tiny):
     tr, rows, ex = _trainer(tiny, runner.score, top_p=0.02)
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
     # the random model rarely writes a valid answer: every completion gets the same
-    # (format-penalised) reward, the group is dropped and nothing may change
+    # (format-penalised) reward, the group has no spread (advantage 0, no KL): nothing may change
     m = tr.step(0, rows, ex, [0])
-    assert m["dropped_groups"] == 1 and m["tokens_trained"] == 0
+    assert m["zero_spread_groups"] == 1 and m["sequences_with_signal"] == 0 and m["sequences_trained"] == 8
     assert all(torch.equal(before[n], p) for n, p in tr.model.named_parameters())
     # with a reward that separates the completions, exactly the LoRA weights move
     _favour_first_token(tr, _argmax_first_token(tr, ex[0]))
@@ -216,7 +219,8 @@ def test_grpo_step_updates_only_lora_weights(tiny):
     print(f"CPU GRPO step (tiny, 1 scene x 8 completions x <= 6 tokens): {time.perf_counter() - t0:.2f} s")
     assert m["tokens_trained"] > 0
     changed = {n for n, p in tr.model.named_parameters() if not torch.equal(before[n], p)}
-    assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
+    # the LoRA weights and the action tokens' rows (peft trainable tokens), nothing else
+    assert changed and all("lora_" in n or "trainable_tokens_delta" in n for n in changed), sorted(changed)[:5]
     assert any("lora_B" in n for n in changed)
     for key in ("reward/total", "slow_share", "completion_tokens_mean", "clip_high_frac", "grad_norm"):
         assert key in m
@@ -294,6 +298,10 @@ def test_config_validation():
         LossConfig(num_iterations=0)
 
 
+def _no_nan(token: str):
+    raise ValueError(f"invalid JSON constant {token} in metrics.jsonl")
+
+
 @pytest.mark.parametrize("lora", [True, False])
 def test_cli_runs_checkpoints_and_resumes(tiny, tmp_path, capsys, lora):
     import json
@@ -304,17 +312,23 @@ def test_cli_runs_checkpoints_and_resumes(tiny, tmp_path, capsys, lora):
     out = tmp_path / "rft"
     common = ["--config", "configs/train/rft_tiny.yaml", "--set", f"model.path={tiny}",
               "--set", f"data.train_files={build}/train-*.parquet", "--set", f"data.codebook_dir={codebook}",
-              "--set", f"out_dir={out}", "--set", "save_every=1", "--set", "rollout.max_new_tokens=8"]
+              "--set", f"out_dir={out}", "--set", "save_every=1", "--set", "rollout.max_new_tokens=8",
+              "--set", f"eval_files={build}/train-*.parquet", "--set", "eval_samples=2"]
     if not lora:  # full-parameter RFT resumes from the checkpoint's full weights (no KL reference)
         common += ["--set", "model.lora=false", "--set", "loss.kl_beta=0.0"]
     assert main([*common, "--set", "max_steps=2"]) == 0
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000001", "step_0000002"]
     assert main([*common, "--set", "max_steps=3"]) == 0  # resumes at step 2
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x, parse_constant=_no_nan) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
-    for key in ("reward/total", "reward/driving", "reward/format", "reward/cot_penalty", "dropped_groups",
+    for key in ("reward/total", "reward/driving", "reward/format", "reward/cot_penalty", "zero_spread_groups",
+                "sequences_with_signal",
                 "slow_share", "completion_tokens_mean", "reward_failed", "reward/total_count"):
         assert key in lines[-1], key
+    # held-out reward before the first step and after the last step of each run (strict JSON)
+    evals = [json.loads(x, parse_constant=_no_nan) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["eval_step"] for e in evals] == [0, 2, 3]
+    assert all(e["eval/samples"] == 2 and "eval/reward_total" in e for e in evals)
     weights = "adapter_model.safetensors" if lora else "model.safetensors"
     assert (out / "checkpoints" / "step_0000003" / weights).is_file()
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 3

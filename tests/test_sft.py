@@ -88,7 +88,7 @@ def test_labels_masked_outside_assistant_span_and_on_padding(env):
     assert n_act.tolist() == [10, 10]
 
 
-def test_per_sample_weights_and_global_normalisation():
+def test_token_weighting_variant_and_global_normalisation():
     torch.manual_seed(0)
     first, V = 10, 30
     labels = torch.full((3, 6), -100)
@@ -103,15 +103,15 @@ def test_per_sample_weights_and_global_normalisation():
     m, a = lab != -100, (lab >= first) & (lab < first + 8)
     w = torch.tensor([40.0, 1.0, 1.0])[:, None]
     expect = (w * ce * m).sum() / (w * m).sum() + 0.5 * (w * ce * a).sum() / (w * a).sum()
-    kw = dict(slow_weight=40.0, action_weight=0.5, first_action_id=first, num_action_tokens=8)
-    den = local_denominators([{"labels": labels, "is_slow": slow}], 40.0, first, 8)
+    kw = dict(slow_weight=40.0, action_weight=0.5, first_action_id=first, num_action_tokens=8, weighting="token")
+    den = local_denominators([{"labels": labels, "is_slow": slow}], 40.0, first, 8, "token")
     assert den.tolist() == [4 * 40 + 3 + 5, 2 * 40 + 1 + 3]
     full, _ = sft_loss(logits, labels, slow, Denominators(*den.tolist()), **kw)
     torch.testing.assert_close(full, expect)
     # the weight applies to its own sample only: making sample 0 fast changes the expected value exactly
     w1 = torch.ones(3, 1)
     expect_fast = (w1 * ce * m).sum() / m.sum() + 0.5 * (ce * a).sum() / a.sum()
-    den_f = local_denominators([{"labels": labels, "is_slow": ~slow & False}], 40.0, first, 8)
+    den_f = local_denominators([{"labels": labels, "is_slow": ~slow & False}], 40.0, first, 8, "token")
     got_fast, _ = sft_loss(logits, labels, slow & False, Denominators(*den_f.tolist()), **kw)
     torch.testing.assert_close(got_fast, expect_fast)
     # micro-batches normalised by the global denominators sum to the full-batch loss
@@ -120,12 +120,19 @@ def test_per_sample_weights_and_global_normalisation():
     torch.testing.assert_close(parts[0] + parts[1], full)
 
 
-def test_overfit_eight_samples(env, tmp_path):
+@pytest.fixture(scope="module")
+def overfit(env, tmp_path_factory):
+    """The shorter `make train`: SFT on eight rows until greedy decoding reproduces them (shared run)."""
+    cfg = make_cfg(env, tmp_path_factory.mktemp("fit") / "run", max_steps=120,
+                   data=replace(make_cfg(env, "x").data, batch_size=8),
+                   optim=OptimConfig(lr=1e-2, warmup_steps=5, min_lr_ratio=0.3), log_every=10)
+    return cfg, train(cfg)
+
+
+def test_overfit_eight_samples(env, overfit):
     from training.eval import evaluate
 
-    cfg = make_cfg(env, tmp_path / "fit", max_steps=120, data=replace(make_cfg(env, "x").data, batch_size=8),
-                   optim=OptimConfig(lr=1e-2, warmup_steps=5, min_lr_ratio=0.3), log_every=10)
-    m = train(cfg)
+    cfg, m = overfit
     losses = [h["loss"] for h in m["history"]]
     assert losses[-1] < 0.1 * losses[0], losses
     model, proc, ids = load_model(replace(cfg.model, path=str(ckpt.latest_checkpoint(cfg.out_dir))), K)
@@ -137,6 +144,31 @@ def test_overfit_eight_samples(env, tmp_path):
     # decoded trajectories vs the rows' futures: finite errors, growing with the horizon
     assert res["meta_action_acc"] is not None and res["think_meta_action_acc"] == 1.0
     assert 0 <= res["ade_1s"] <= res["ade_5s"] and np.isfinite(res["fde_5s"])
+
+
+@pytest.mark.slow
+def test_rft_from_the_sft_run_trains_on_every_completion_every_step(env, overfit, tmp_path):
+    """The shorter `make rft`: GRPO from the SFT run directory (its latest checkpoint), LoRA + action rows."""
+    from training.grpo import main
+
+    cfg, _ = overfit
+    out = tmp_path / "rft"
+    argv = ["--config", "configs/train/rft_tiny.yaml", "--set", f"model.path={cfg.out_dir}",
+            "--set", f"data.train_files={env['train']}", "--set", f"data.codebook_dir={env['data']}/codebook",
+            "--set", f"eval_files={env['train']}", "--set", "eval_samples=8", "--set", f"out_dir={out}",
+            "--set", "max_steps=6", "--set", "save_every=6", "--set", "data.scenes_per_step=4",
+            "--set", "rollout.max_new_tokens=100", "--set", "optim.lr=1e-3", "--set", "rewards.executor=inline",
+            "--set", "rollout.temperature=2.0"]  # the overfit policy is near-deterministic at 1.0
+    assert main(argv) == 0
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # every completion enters the loss at every step (zero-spread groups included, advantage 0) ...
+    assert len(steps) == 6 and all(s["sequences_trained"] == 16 for s in steps), steps
+    # ... and the near-deterministic overfit policy still finds reward spread to learn from
+    assert sum(s["sequences_with_signal"] for s in steps) > 0
+    evals = [json.loads(x) for x in (out / "eval.jsonl").read_text().splitlines()]
+    assert [e["eval_step"] for e in evals] == [0, 5, 6]
+    assert evals[0]["eval/format_ok_share"] == 1.0 and evals[-1]["eval/format_ok_share"] == 1.0
+    assert np.isfinite(evals[-1]["eval/reward_driving"])
 
 
 @pytest.mark.parametrize("variant", ["full", "lora_dropout_workers"])

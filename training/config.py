@@ -40,6 +40,11 @@ class DataConfig:
 class LossConfig:
     slow_weight: float = 40.0  # w_i for slow-thinking samples (fast samples: 1)
     action_weight: float = 1.0  # lambda_a on the action-token CE
+    weighting: str = "sample"  # sample: w_i * each sample's mean token loss | token: w_i on every token
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("sample", "token"):
+            raise ValueError(f"loss.weighting must be sample|token, got {self.weighting!r}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class TrainConfig:
     wandb_project: str = ""  # logged when set and wandb is installed
     tensorboard: bool = False
     peak_tflops: float = 989.0  # per device, for the MFU estimate (H100 bf16 dense)
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default (tiny models: 1 is fastest)
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32"):

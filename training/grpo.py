@@ -11,7 +11,9 @@ Per step, for the scenes of this rank (``data.scenes_per_step`` over all ranks):
    of the GPU count), dropout off, per-sample seeds (training/rollout.py);
 2. rewards: parsed, decoded with the codebook and scored on CPU workers
    (training/rewards/); failed rewards are excluded and counted, never 0;
-3. advantages per scene group; groups without spread are dropped (counted);
+3. advantages per scene group; groups without reward spread get advantage 0
+   and stay in the loss normaliser and the KL term (TRL's policy; see
+   training/grpo_loss.py); ``sequences_with_signal`` logs the effective batch;
 4. ``loss.num_iterations`` clipped policy updates over micro-batches with the
    token-level normalised loss (training/grpo_loss.py); KL to the reference
    = the same model with the LoRA adapter disabled (no second copy).
@@ -48,6 +50,7 @@ from training.rewards import RewardRunner, RewardsConfig
 from training.rewards.base import Completion
 from training.rollout import (
     ActionDecoder,
+    Generation,
     RolloutConfig,
     collate_sequences,
     completion_logprobs,
@@ -55,7 +58,7 @@ from training.rollout import (
     sample_seed,
     to_completion,
 )
-from training.sft import autocast_ctx, init_distributed, parallel_mode, wrap_model
+from training.sft import autocast_ctx, init_distributed, parallel_mode, set_cpu_threads, wrap_model
 
 log = logging.getLogger("training.grpo")
 
@@ -101,6 +104,11 @@ class RFTConfig:
     keep_last: int = 3
     log_every: int = 1
     resume: str = "auto"  # auto (latest in out_dir) | none | <checkpoint dir>
+    train_action_tokens: bool = True  # LoRA RFT also trains the K action rows of embed_tokens/lm_head
+    eval_files: str = ""  # held-out shards: greedy-decoded and scored before training and every eval_every steps
+    eval_every: int = 0  # steps; 0 = only before the first and after the last step (when eval_files is set)
+    eval_samples: int = 16  # held-out rows scored per evaluation
+    cpu_threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default (tiny models: 1 is fastest)
 
     def __post_init__(self) -> None:
         if self.precision not in ("bf16", "fp32") or self.parallel not in ("auto", "ddp", "fsdp", "none"):
@@ -134,44 +142,81 @@ class Dist:
         return t.tolist()
 
 
-def apply_rft_lora(model: Any, cfg: ModelConfig) -> Any:
-    """LoRA on the language model's projections only.
+def apply_rft_lora(model: Any, cfg: ModelConfig, action_ids: Any = None) -> Any:
+    """LoRA on the language model's projections, plus the action tokens' rows when ``action_ids`` is given.
 
-    Unlike SFT's LoRA (training.model.apply_lora) the embeddings and LM head
-    stay frozen: the action tokens were learned in SFT, and disabling the
-    adapter must give back exactly the SFT policy as the KL reference.
+    The rest of the embeddings and LM head stay frozen. The K action rows of
+    ``embed_tokens`` and ``lm_head`` are trained as peft *trainable tokens*
+    (``trainable_token_indices``: a delta on those rows only, part of the
+    adapter): without them the policy's only handle on which action token it
+    emits is the low-rank update of the last hidden state, and the reference
+    policy (adapter disabled, which disables the token deltas too) stays
+    exactly the SFT model.
     """
     from peft import LoraConfig, get_peft_model
 
+    extra: dict[str, Any] = {}
+    if action_ids is not None:
+        rows = list(range(action_ids.first, action_ids.first + action_ids.count))
+        extra["trainable_token_indices"] = {"embed_tokens": rows}
+        out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and out.weight is not emb.weight:  # tied: peft follows embed_tokens itself
+            extra["trainable_token_indices"]["lm_head"] = rows
     lcfg = LoraConfig(
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=r".*language_model.*\.(" + "|".join(LORA_TARGETS) + ")",
+        **extra,
     )
     return get_peft_model(model, lcfg)
 
 
+def resolve_policy_path(mcfg: ModelConfig) -> Path:
+    """``model.path`` as a checkpoint: a run directory (e.g. ``out/sft_tiny``) means its latest step."""
+    p = Path(mcfg.path)
+    if (p / "checkpoints").is_dir():
+        from training.loading import resolve_checkpoint
+
+        return resolve_checkpoint(p)
+    if mcfg.build_tiny_if_missing or (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
+        return p
+    if p.exists() or p.is_absolute() or p.parts[0] in (".", "..", "out", "data") or Path(p.parts[0]).exists():
+        raise FileNotFoundError(f"model.path {p} holds no checkpoint: run `make train` first (or point "
+                                "model.path at a checkpoint / run directory)")
+    return p  # a Hub id
+
+
 def load_policy(cfg: RFTConfig, num_action_tokens: int, device: torch.device) -> tuple[Any, Any]:
-    """The SFT model (merging an SFT LoRA checkpoint first) plus a fresh RFT LoRA when ``model.lora``."""
-    path = Path(cfg.model.path)
-    base_cfg = replace(cfg.model, lora=False)
+    """The SFT model (merging an SFT LoRA checkpoint first) plus a fresh RFT LoRA when ``model.lora``.
+
+    The processor (pixel budget) is the checkpoint's: with an SFT LoRA
+    checkpoint it is read from the checkpoint directory, not the base model.
+    """
+    from training.vision import ClipProcessor
+
+    path = resolve_policy_path(cfg.model)
+    base_cfg = replace(cfg.model, path=str(path), lora=False)
     if (path / "adapter_config.json").is_file():  # an SFT LoRA checkpoint: base + adapter, merged
         from peft import PeftModel
 
         base = (path / "base_model.txt").read_text().strip() if (path / "base_model.txt").is_file() else ""
         if not base:
             raise FileNotFoundError(f"LoRA checkpoint {path} has no base_model.txt naming its base model")
-        model, processor, _ = load_model(replace(base_cfg, path=base), num_action_tokens)
+        model, _, ids = load_model(replace(base_cfg, path=base, min_pixels=None, max_pixels=None),
+                                   num_action_tokens)
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        processor = ClipProcessor.from_pretrained(path, min_pixels=cfg.model.min_pixels,
+                                                  max_pixels=cfg.model.max_pixels)
     else:
-        model, processor, _ = load_model(base_cfg, num_action_tokens)
+        model, processor, ids = load_model(base_cfg, num_action_tokens)
     if cfg.disable_dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     if cfg.model.lora:
-        model = apply_rft_lora(model, replace(cfg.model, lora_dropout=0.0) if cfg.disable_dropout else cfg.model)
+        mcfg = replace(cfg.model, lora_dropout=0.0) if cfg.disable_dropout else cfg.model
+        model = apply_rft_lora(model, mcfg, ids if cfg.train_action_tokens else None)
     return model.to(device), processor
 
 
@@ -231,7 +276,11 @@ class Trainer:
         adv = group_advantages(res.total, G, scale_by_std=cfg.loss.scale_by_std, eps=cfg.loss.eps)
         truncated = np.array([g.truncated for _, g in flat])
         train = adv.valid & ~(truncated & cfg.loss.mask_truncated)
-        upd = self.update([examples[i] for i, _ in flat], [g.token_ids for _, g in flat], adv.advantages, train)
+        # Zero-advantage sequences only matter through the KL term: without it they are left out of
+        # the forward passes but still counted in the token normaliser (same loss, less compute).
+        forward = train if cfg.loss.kl_beta > 0 else train & adv.signal
+        upd = self.update([examples[i] for i, _ in flat], [g.token_ids for _, g in flat], adv.advantages, forward,
+                          normaliser=train)
         m = self.metrics(res, comps, adv, train, truncated)
         m.update(upd, time_generate=t_gen, time_reward=t_rew, time_step=time.perf_counter() - t0)
         return m
@@ -254,9 +303,13 @@ class Trainer:
             return completion_logprobs(self.model, batch, self.cfg.rollout.temperature, self.backend.banned_ids)
 
     def update(self, examples: Sequence[Mapping[str, Any]], completions: Sequence[np.ndarray],
-               advantages: np.ndarray, keep: np.ndarray) -> dict[str, float]:
+               advantages: np.ndarray, keep: np.ndarray, normaliser: np.ndarray | None = None) -> dict[str, float]:
+        """Policy updates on the ``keep`` sequences; the loss is divided by the completion tokens of
+        ``normaliser`` (default ``keep``) over all ranks."""
         cfg = self.cfg
         mbs = self._micro_batches(keep)
+        norm = keep if normaliser is None else normaliser
+        local_tokens = float(sum(len(completions[i]) for i in np.flatnonzero(norm)))
         batches = []
         for ids, w in mbs:
             b = collate_sequences([examples[i] for i in ids], [completions[i] for i in ids], self.pad_id)
@@ -264,9 +317,11 @@ class Trainer:
             b["completion_mask"] = b["completion_mask"] * w
             b["advantages"] = torch.tensor(advantages[ids], dtype=torch.float32, device=self.device)
             batches.append(b)
-        tokens = self.dist.all_sum([float(sum(b["completion_mask"].sum().item() for b in batches))], self.device)[0]
+        tokens = self.dist.all_sum([local_tokens], self.device)[0]
+        fwd_tokens = self.dist.all_sum([float(sum(b["completion_mask"].sum().item() for b in batches))],
+                                       self.device)[0]
         out = {"loss": 0.0, "grad_norm": 0.0, "tokens_trained": tokens}
-        if tokens == 0:  # every group dropped on every rank: nothing to learn from this batch
+        if fwd_tokens == 0:  # no sequence with a gradient on any rank: nothing to learn from this batch
             return out
         self.model.train()
         if cfg.loss.kl_beta > 0:
@@ -323,8 +378,8 @@ class Trainer:
         total = np.asarray(res.total, dtype=np.float64)
         vals += [float(np.nansum(total)), float((~np.isnan(total)).sum()), float(res.failed.sum()),
                  float(sum(c.is_slow for c in comps)), float(sum(c.format_error is None for c in comps)),
-                 float(sum(c.num_tokens for c in comps)), float(truncated.sum()), float(adv.dropped_groups),
-                 float(adv.num_groups), float(train.sum())]
+                 float(sum(c.num_tokens for c in comps)), float(truncated.sum()), float(adv.zero_spread_groups),
+                 float(adv.num_groups), float(train.sum()), float((train & adv.signal).sum())]
         tot = self.dist.all_sum(vals, self.device)
         n = tot[0]
         out = {}
@@ -341,14 +396,60 @@ class Trainer:
             "format_ok_share": rest[4] / n,
             "completion_tokens_mean": rest[5] / n,
             "truncated_share": rest[6] / n,
-            "dropped_groups": rest[7],
+            "zero_spread_groups": rest[7],
             "groups": rest[8],
-            "sequences_trained": rest[9],
+            "sequences_trained": rest[9],  # in the loss (normaliser, KL)
+            "sequences_with_signal": rest[10],  # the effective batch: non-zero advantage
         })
         return out
 
 
+# --------------------------------------------------------------------------- held-out reward
+
+
+@torch.no_grad()
+def heldout_reward(trainer: Trainer, rows: Any, n: int) -> dict[str, float]:
+    """Greedy-decode the first ``n`` held-out rows and score them with the training rewards.
+
+    Returns ``eval/reward_total`` (mean total reward), ``eval/reward_driving``
+    (mean driving reward; malformed outputs get ``rewards.invalid_driving``)
+    and ``eval/format_ok_share``: the learning signal RFT is meant to raise,
+    measured on scenes it never trains on.
+    """
+    from training.data import collate
+    from training.eval import generate
+
+    model = _inner(trainer.model)
+    was = model.training
+    model.eval()
+    comps, metas = [], []
+    bs = trainer.cfg.rollout.generation_batch_size
+    for s in range(0, min(n, len(rows)), bs):
+        exs = [rows[i] for i in range(s, min(s + bs, n, len(rows)))]
+        batch = collate(exs, trainer.pad_id, padding_side="left")
+        with trainer.autocast():
+            texts = generate(model, batch, trainer.tokenizer, trainer.cfg.rollout.max_new_tokens)
+        for text, ex in zip(texts, exs, strict=True):
+            ids = trainer.tokenizer(text, add_special_tokens=False)["input_ids"]
+            gen = Generation(np.asarray(ids, np.int64), text, "<|im_end|>" not in text)
+            comps.append(to_completion(gen, trainer.decoder))
+            metas.append(ex["meta"])
+    model.train(was)
+    res = trainer.score(metas, comps)
+    driving = np.asarray(res.components.get("driving", np.full(len(comps), np.nan)), np.float64)
+    total = np.asarray(res.total, np.float64)
+    return {"eval/reward_total": float(np.nanmean(total)), "eval/reward_driving": float(np.nanmean(driving)),
+            "eval/format_ok_share": float(np.mean([c.format_error is None for c in comps])),
+            "eval/samples": float(len(comps))}
+
+
 # --------------------------------------------------------------------------- the run
+
+
+def json_line(metrics: Mapping[str, Any]) -> str:
+    """Strict JSON: a NaN/inf figure (e.g. a reward no completion had) is written as null."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 def build_optimizer(model: Any, cfg: RFTOptimConfig) -> tuple[torch.optim.Optimizer, Any]:
@@ -371,6 +472,7 @@ def train(cfg: RFTConfig) -> dict[str, float]:
     from training.data import BuiltRows, LengthGroupedBatchSampler, ShardIndex
 
     rank, world, device = init_distributed()
+    set_cpu_threads(cfg.cpu_threads, device)
     dist = Dist(rank, world, parallel_mode(cfg, world))  # type: ignore[arg-type]
     torch.manual_seed(cfg.seed)
     k = cfg.model.num_action_tokens or read_num_action_tokens(cfg.data.codebook_dir)
@@ -384,6 +486,7 @@ def train(cfg: RFTConfig) -> dict[str, float]:
     if ckpt is not None and not cfg.model.lora:  # full-parameter RFT: the checkpoint is the whole policy
         policy_cfg = replace(cfg, model=replace(cfg.model, path=str(ckpt), build_tiny_if_missing=False))
     model, processor = load_policy(policy_cfg, k, device)
+    policy_path = resolve_policy_path(cfg.model) if cfg.model.lora else Path(cfg.model.path)
     if ckpt is not None and cfg.model.lora:
         load_adapter(model, ckpt)
     model = wrap_model(model, dist.mode, cfg, device)  # type: ignore[arg-type]
@@ -413,6 +516,23 @@ def train(cfg: RFTConfig) -> dict[str, float]:
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "rft_config.yaml")
+    eval_rows = None
+    if cfg.eval_files and dist.rank == 0:
+        eval_rows = BuiltRows(ShardIndex.from_glob(cfg.eval_files), processor, num_action_tokens=k,
+                              cameras=cfg.data.cameras, with_target=False,
+                              check_stored_messages=cfg.data.check_stored_messages)
+
+    def run_eval(at_step: int) -> None:
+        if eval_rows is None:
+            return
+        ev = heldout_reward(trainer, eval_rows, cfg.eval_samples)
+        ev["eval_step"] = at_step
+        log.info("held-out at step %d: %s", at_step, " ".join(f"{k2}={v:.4g}" for k2, v in sorted(ev.items())))
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json_line(ev) + "\n")
+
+    if start == 0:
+        run_eval(0)
     metrics: dict[str, float] = {}
     sampler.set_epoch(epoch, batch_pos)
     it = iter(sampler)
@@ -434,12 +554,14 @@ def train(cfg: RFTConfig) -> dict[str, float]:
             if dist.rank == 0 and (step + 1) % cfg.log_every == 0:
                 log.info("step %d %s", step + 1, " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
                 with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                    f.write(json_line(metrics) + "\n")
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps:
                 state = {"step": step + 1, "epoch": epoch, "batch": batch_pos,
                          "reward_failures": json.dumps(dict(runner.failures_total))}
                 save_checkpoint(cfg.out_dir, step + 1, model, optimizer, scheduler, processor, state, cfg,
-                                rank=dist.rank, keep_last=cfg.keep_last, base_model_path=cfg.model.path)
+                                rank=dist.rank, keep_last=cfg.keep_last, base_model_path=str(policy_path))
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps:
+                run_eval(step + 1)
     finally:
         runner.close()
         if dist.world > 1:
@@ -464,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(RFTConfig, args.config, overrides)
     m = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: (round(v, 5) if isinstance(v, float) and math.isfinite(v) else v) for k, v in m.items()}))
+        print(json_line({k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}))
     return 0
 
 

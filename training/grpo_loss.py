@@ -3,8 +3,14 @@
 * Advantages: per scene, the G rewards minus their mean, divided by their
   standard deviation (``scale_by_std=True``, GRPO) or not (Dr. GRPO,
   arXiv:2503.20783). Failed rewards (NaN) are left out of the group statistics
-  and of the loss; groups whose valid rewards have no spread, or fewer than two
-  valid members, carry no signal and are dropped (counted).
+  and of the loss.
+* Zero-spread policy (documented, as TRL's GRPOTrainer does it): a group whose
+  valid rewards have no spread (or fewer than two valid members) gets
+  advantage 0 but is *kept*: its completions stay in the token normaliser and
+  in the KL term (with ``kl_beta`` > 0 they still pull towards the reference),
+  they only carry no policy-gradient signal. ``zero_spread_groups`` counts
+  them; the trainer logs ``sequences_trained`` (in the loss) and
+  ``sequences_with_signal`` (non-zero advantage), the effective batch.
 * Loss: PPO's clipped surrogate per token with the ratio to the stored old
   log-probs (``num_iterations`` updates per rollout batch), optional
   ``beta * KL`` to the reference policy with the k3 estimator
@@ -21,12 +27,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+LOG_RATIO_CLAMP = 20.0
+KL_CLAMP = 10.0
+
 
 @dataclass(frozen=True)
 class GroupAdvantages:
-    advantages: np.ndarray  # (N,) 0 where not valid
-    valid: np.ndarray  # (N,) bool: completion contributes to the loss
-    dropped_groups: int  # groups without reward spread (or < 2 valid rewards)
+    advantages: np.ndarray  # (N,) 0 where not valid or in a zero-spread group
+    valid: np.ndarray  # (N,) bool: completion enters the loss (valid reward; zero-spread groups included)
+    signal: np.ndarray  # (N,) bool: valid and in a group with reward spread (non-zero advantage)
+    zero_spread_groups: int  # groups without reward spread (or < 2 valid rewards): advantage 0, kept
     num_groups: int
 
 
@@ -49,9 +59,9 @@ def group_advantages(
     adv = groups - mean[:, None]
     if scale_by_std:
         adv = adv / (std[:, None] + eps)
-    valid = ok & keep[:, None]
-    adv = np.where(valid, adv, 0.0)
-    return GroupAdvantages(adv.reshape(-1), valid.reshape(-1), int((~keep).sum()), len(groups))
+    signal = ok & keep[:, None]
+    adv = np.where(signal, adv, 0.0)
+    return GroupAdvantages(adv.reshape(-1), ok.reshape(-1), signal.reshape(-1), int((~keep).sum()), len(groups))
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -107,15 +117,17 @@ def grpo_loss(
     mask = mask.to(logp.dtype)
     denom = torch.as_tensor(num_tokens if num_tokens is not None else mask.sum().clamp(min=1.0))
     adv = advantages.to(logp.dtype)[:, None]
-    ratio = torch.exp(logp - old_logp)
+    # Clamps as EasyR1 (verl/trainer/core_algos.py): the log-ratio to [-20, 20] before exp
+    # (no inf/NaN gradients), the k3 term's log-ratio to [-20, 20] and k3 itself to [-10, 10].
+    ratio = torch.exp(torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     clipped = torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
     per_token = -torch.minimum(ratio * adv, clipped * adv)
     stats: dict[str, torch.Tensor] = {}
     if cfg.kl_beta > 0:
         if ref_logp is None:
             raise ValueError("loss.kl_beta > 0 needs the reference log-probs")
-        d = ref_logp - logp
-        kl = torch.exp(d) - d - 1.0
+        d = torch.clamp(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = torch.clamp(torch.exp(d) - d - 1.0, -KL_CLAMP, KL_CLAMP)
         per_token = per_token + cfg.kl_beta * kl
         stats["kl_sum"] = (kl * mask).sum().detach()
     loss = (per_token * mask).sum() / denom

@@ -33,6 +33,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class ModelConfig:
     path: str = "Qwen/Qwen2.5-VL-3B-Instruct"
     build_tiny_if_missing: bool = False  # build training.tiny's model at `path` when it does not exist
+    tiny_hidden_size: int = 64  # size of that tiny model (only used when it is built)
+    tiny_layers: int = 2
     num_action_tokens: int | None = None  # None: read K from <data>/codebook/codebook.json
     freeze_vision: bool = True
     lora: bool = False
@@ -75,16 +77,46 @@ def action_ids_from_tokenizer(tokenizer: Any, num_action_tokens: int) -> ActionI
 
 def add_action_tokens(model: Any, tokenizer: Any, num_action_tokens: int, pad_multiple: int = 64) -> ActionIds:
     """Add the K action tokens (idempotent) and resize embeddings to cover the tokenizer."""
-    if action_token(num_action_tokens) in tokenizer.get_vocab():
+    vocab = tokenizer.get_vocab()
+    if action_token(num_action_tokens) in vocab:
         raise ValueError(f"tokenizer already has more than {num_action_tokens} action tokens (codebook K mismatch)")
+    new = action_token(0) not in vocab
     register_action_tokens(tokenizer, num_action_tokens)  # idempotent; checks contiguity
     ids = action_ids_from_tokenizer(tokenizer, num_action_tokens)
     emb = model.get_input_embeddings().weight.shape[0]
     if emb < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_multiple)
+        # mean_resizing=False: transformers' default draws every new row from N(mean, 1e-9 * cov),
+        # i.e. K near-identical rows the model cannot tell apart; init_action_rows replaces them.
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_multiple, mean_resizing=False)
         log.info("resized embeddings %d -> %d for %d action tokens", emb,
                  model.get_input_embeddings().weight.shape[0], num_action_tokens)
+    if new:
+        init_action_rows(model, ids)
     return ids
+
+
+def init_action_rows(model: Any, ids: ActionIds, seed: int = 0) -> None:
+    """Initialise the K action-token rows distinctly, at the scale of the existing rows.
+
+    Row ``i`` (input embedding and, when untied, LM head) = per-dimension mean
+    of the rows before the action tokens + their per-dimension std times an
+    independent N(0, 1) draw (seeded): each row is as far from the others as
+    two ordinary tokens are, so from the first step the model can tell the K
+    action tokens apart, and their logits start at the scale of the others.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    layers = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not layers[0]:
+        layers.append(out.weight)
+    with torch.no_grad():
+        for w in layers:
+            old = w[: ids.first].float()
+            mean, std = old.mean(0), old.std(0)
+            rows = mean + std * torch.randn(ids.count, w.shape[1], generator=g)
+            w[ids.first : ids.first + ids.count] = rows.to(w.dtype)
 
 
 def vision_tower(model: Any) -> Any:
@@ -116,10 +148,11 @@ def load_model(cfg: ModelConfig, num_action_tokens: int, device: Any = "cpu") ->
         from training.tiny import build_tiny_qwen25vl
 
         log.info("no model at %s: building the tiny test model there", path)
-        build_tiny_qwen25vl(path)
+        build_tiny_qwen25vl(path, hidden_size=cfg.tiny_hidden_size, num_layers=cfg.tiny_layers)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         cfg.path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
     )
+    # A checkpoint's clip_processor.json wins; a differing explicit setting is an error (training.vision).
     processor = ClipProcessor.from_pretrained(cfg.path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     tok = processor.tokenizer
     ids = add_action_tokens(model, tok, num_action_tokens, cfg.pad_vocab_multiple)

@@ -115,11 +115,14 @@ def build_tiny_tokenizer(vocab_size: int = 600):
     return tok
 
 
-def build_tiny_qwen25vl(out_dir: str | Path, num_action_tokens: int = 0, seed: int = 0) -> Path:
+def build_tiny_qwen25vl(out_dir: str | Path, num_action_tokens: int = 0, seed: int = 0, hidden_size: int = 64,
+                        num_layers: int = 2) -> Path:
     """Write a tiny random Qwen2.5-VL (+ tokenizer, clip processor) to ``out_dir`` and return it.
 
     With ``num_action_tokens`` > 0 the ``<action_i>`` tokens are added already
     (as :func:`training.model.add_action_tokens` would do on a base model).
+    ``hidden_size`` (a multiple of 64) and ``num_layers`` size the text model
+    (4 heads; the M-RoPE sections scale with the head size).
     """
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -130,11 +133,16 @@ def build_tiny_qwen25vl(out_dir: str | Path, num_action_tokens: int = 0, seed: i
     out = Path(out_dir)
     tok = build_tiny_tokenizer()
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    if hidden_size % 64:
+        raise ValueError(f"tiny model hidden_size must be a multiple of 64, got {hidden_size}")
+    scale = hidden_size // 64
+    rope = dict(TINY_TEXT["rope_parameters"], mrope_section=[2 * scale, 3 * scale, 3 * scale])
     text = dict(TINY_TEXT, vocab_size=len(tok), bos_token_id=ids["<|endoftext|>"],
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], hidden_size=hidden_size,
+                intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, rope_parameters=rope)
     cfg = Qwen2_5_VLConfig(
         text_config=text,
-        vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
+        vision_config=dict(TINY_VISION, out_hidden_size=hidden_size),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],

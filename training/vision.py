@@ -122,6 +122,8 @@ class ClipProcessor:
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
             "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "min_pixels": self.min_pixels,  # the older key names, read by vLLM/transformers too
+            "max_pixels": self.max_pixels,
         }
         (out / "preprocessor_config.json").write_text(
             json.dumps({**common, "image_processor_type": "Qwen2VLImageProcessor",
@@ -134,14 +136,33 @@ class ClipProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> ClipProcessor:
-        """Load from a checkpoint or a Qwen2.5-VL model dir; ``overrides`` (e.g. ``max_pixels``) win."""
+        """Load from a checkpoint or a Qwen2.5-VL model dir.
+
+        A ``clip_processor.json`` (written with every checkpoint and by
+        ``training.tiny``) fixes the inputs the model was trained on: its
+        settings win, ``None`` overrides keep them, and an explicit override
+        that differs is a :class:`ProcessorSettingsError` naming both values
+        (SFT, RFT and eval must feed identical inputs). A stock Qwen2.5-VL
+        directory (``preprocessor_config.json`` only) is a starting point:
+        explicit overrides set the pixel budget of the run.
+        """
         from transformers import AutoTokenizer
 
         p = Path(path)
         tok = AutoTokenizer.from_pretrained(str(path))
         settings: dict[str, Any] = {}
+        given = {k: v for k, v in overrides.items() if v is not None}
         if (p / CLIP_PROCESSOR_FILE).is_file():
             settings = json.loads((p / CLIP_PROCESSOR_FILE).read_text())
+            conflicts = {k: (settings[k], v) for k, v in given.items()
+                         if k in settings and _differs(settings[k], v)}
+            if conflicts:
+                detail = ", ".join(f"{k}: checkpoint {a!r} vs requested {b!r}" for k, (a, b) in conflicts.items())
+                raise ProcessorSettingsError(
+                    f"{p / CLIP_PROCESSOR_FILE} fixes the model's inputs and the run asks for different ones "
+                    f"({detail}); drop the setting (e.g. --set model.max_pixels=null) to use the checkpoint's"
+                )
+            given = {k: v for k, v in given.items() if k not in settings}
         elif (p / "preprocessor_config.json").is_file():  # a stock Qwen2.5-VL checkpoint
             pre = json.loads((p / "preprocessor_config.json").read_text())
             for key in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
@@ -150,8 +171,18 @@ class ClipProcessor:
             for key in ("image_mean", "image_std"):
                 if key in pre:
                     settings[key] = tuple(pre[key])
-        settings.update({k: v for k, v in overrides.items() if v is not None})
+        settings.update(given)
         if "image_mean" in settings:
             settings["image_mean"] = tuple(settings["image_mean"])
             settings["image_std"] = tuple(settings["image_std"])
         return cls(tokenizer=tok, **settings)
+
+
+class ProcessorSettingsError(ValueError):
+    """An explicit processor setting contradicts the checkpoint's ``clip_processor.json``."""
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return [float(x) for x in a] != [float(x) for x in b]
+    return a != b
