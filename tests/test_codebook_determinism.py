@@ -52,15 +52,21 @@ def test_codebook_bytes_are_identical_across_processes(tmp_path) -> None:
     for i, seed in enumerate(("0", "1", "2", "random", "12345")):
         out = tmp_path / f"cb{i}"
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
-        subprocess.run([sys.executable, "-c", _FIT_AND_SAVE, str(out)], check=True, env=env, cwd=ROOT)
-        outs.append(((out / "codebook.safetensors").read_bytes(), (out / "codebook.json").read_bytes()))
+        subprocess.run(
+            [sys.executable, "-c", _FIT_AND_SAVE, str(out)], check=True, env=env, cwd=ROOT
+        )
+        outs.append(
+            ((out / "codebook.safetensors").read_bytes(), (out / "codebook.json").read_bytes())
+        )
     assert all(o == outs[0] for o in outs[1:])
     st = outs[0][0]
     n = int.from_bytes(st[:8], "little")
     header = json.loads(st[8 : 8 + n])
     assert list(header["__metadata__"]) == ["format_version", "k"]
     assert load(st)["tokens"].shape == (64, 3)  # still a standard safetensors file
-    assert "created_at" not in json.loads(outs[0][1]) or json.loads(outs[0][1])["created_at"] is None
+    assert (
+        "created_at" not in json.loads(outs[0][1]) or json.loads(outs[0][1])["created_at"] is None
+    )
 
 
 def test_same_file_twice_in_one_process(tmp_path) -> None:
@@ -115,7 +121,9 @@ def test_fit_info_counts_dropped_segments(tmp_path) -> None:
     t = pq.read_table(shard).to_pylist()
     t[5]["future"][4] = [9.0e11, 9.0e11, 0.0]  # a teleporting pose: two segments far out
     pq.write_table(pa.Table.from_pylist(t, schema=pq.read_schema(shard)), shard)
-    assert main(["codebook", "--data", str(tmp_path), "--k", "64", "--set", "heldout_fraction=0"]) == 0
+    assert (
+        main(["codebook", "--data", str(tmp_path), "--k", "64", "--set", "heldout_fraction=0"]) == 0
+    )
     report = json.loads((tmp_path / "codebook" / "report.json").read_text())
     assert report["fit"]["segments_dropped"] == {FAR_SEGMENT: 2}
 
@@ -131,7 +139,11 @@ def test_nan_tokens_never_reach_a_file(tmp_path, bad) -> None:
     with pytest.raises(CodebookError, match="NaN/inf"):
         save_codebook(broken, tmp_path / "cb")
     assert not (tmp_path / "cb" / "codebook.safetensors").exists()
-    nan_cov = Codebook(good.tokens, good.contours, meta.__class__(**{**good.meta.__dict__, "coverage": float("nan")}))
+    nan_cov = Codebook(
+        good.tokens,
+        good.contours,
+        meta.__class__(**{**good.meta.__dict__, "coverage": float("nan")}),
+    )
     with pytest.raises(ValueError):
         save_codebook(nan_cov, tmp_path / "cb2")
     save_codebook(good, tmp_path / "ok")

@@ -163,9 +163,15 @@ def save_codebook(codebook: Codebook, path: str | Path) -> tuple[Path, Path]:
     st_path, js_path = codebook_paths(path)
     tokens = np.asarray(codebook.tokens)
     check_tokens(tokens, str(st_path))  # a NaN never reaches a file
-    expect = end_contours(tokens.astype(np.float64), codebook.meta.vehicle_length, codebook.meta.vehicle_width)
-    if codebook.contours.shape != expect.shape or not np.allclose(codebook.contours, expect, atol=CONTOUR_ATOL):
-        raise CodebookError(f"{st_path}: contours do not match the tokens (build codebooks with Codebook.from_tokens)")
+    expect = end_contours(
+        tokens.astype(np.float64), codebook.meta.vehicle_length, codebook.meta.vehicle_width
+    )
+    if codebook.contours.shape != expect.shape or not np.allclose(
+        codebook.contours, expect, atol=CONTOUR_ATOL
+    ):
+        raise CodebookError(
+            f"{st_path}: contours do not match the tokens (build codebooks with Codebook.from_tokens)"
+        )
     data = safetensors_bytes(
         {
             "tokens": np.ascontiguousarray(tokens, np.float32),

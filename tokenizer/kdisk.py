@@ -82,7 +82,9 @@ def disk_token(members: np.ndarray) -> np.ndarray:
     )
 
 
-def _check(segments: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+def _check(
+    segments: np.ndarray, k: int, tol: float
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """Validated segments with far ones dropped, the input index of each kept one, and the drop counts."""
     seg = np.asarray(segments, dtype=np.float64)
     if seg.ndim != 2 or seg.shape[1] != 3:
@@ -106,7 +108,9 @@ def _check(segments: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, np.nda
     )  # fmt: skip
     keep = np.flatnonzero(~far)
     if keep.size == 0:
-        raise ValueError(f"segments: all {len(seg)} end more than {MAX_SEGMENT_M} m from their start")
+        raise ValueError(
+            f"segments: all {len(seg)} end more than {MAX_SEGMENT_M} m from their start"
+        )
     return seg[keep], keep, {FAR_SEGMENT: int(far.sum())}
 
 
@@ -152,7 +156,9 @@ def kdisk_fit_plain(
     return _result(tokens, members, centres, kept, k, dropped)
 
 
-def _result(tokens: list, members: list, centres: list, kept: np.ndarray, k: int, dropped: dict[str, int]) -> KDiskResult:
+def _result(
+    tokens: list, members: list, centres: list, kept: np.ndarray, k: int, dropped: dict[str, int]
+) -> KDiskResult:
     c = np.array(centres, np.int64)
     c[c >= 0] = kept[c[c >= 0]]  # centre indices refer to the caller's input rows
     return KDiskResult(np.array(tokens), np.array(members, np.int64), c, len(kept), k, dropped)
