@@ -14,6 +14,11 @@ import pyarrow.parquet as pq
 SHARD_DIR = "shards"
 DEFAULT_MAX_ROWS = 512
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # rough bound on one shard's row payload
+# Parquet row groups (h14cb, issue 14 item 14): the Hub viewer refuses row groups over ~286 MiB and
+# streaming reads one row group at a time. `datasets` batches image rows by 100
+# (config.ARROW_RECORD_BATCH_SIZE_FOR_IMAGE_DATASETS) and caps row groups at 100 MB (config.MAX_ROW_GROUP_SIZE).
+ROW_GROUP_ROWS = 100
+ROW_GROUP_BYTES = 100 * 1000 * 1000
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -27,11 +32,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Write one Parquet file atomically (readers never see a partial file)."""
+def write_table_atomic(table: pa.Table, path: Path, row_group_size: int | None = ROW_GROUP_ROWS) -> None:
+    """Write one Parquet file atomically (readers never see a partial file); ``row_group_size`` rows a group."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", row_group_size=row_group_size)
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -67,8 +72,11 @@ class ShardWriter:
         schema: pa.Schema,
         max_rows: int = DEFAULT_MAX_ROWS,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        row_group_bytes: int = ROW_GROUP_BYTES,
     ) -> None:
         self.directory = Path(directory)
+        self.row_group_rows, self.row_group_bytes = row_group_rows, row_group_bytes
         self.prefix = prefix
         self.schema = schema
         self.max_rows = max_rows
@@ -88,7 +96,10 @@ class ShardWriter:
             return
         table = pa.Table.from_pylist(self._rows, schema=self.schema)
         name = f"{self.prefix}-{len(self.written):05d}.parquet"
-        write_table_atomic(table, self.directory / name)
+        # at most row_group_rows rows and about row_group_bytes of payload per row group
+        per_row = max(1, self._bytes // len(self._rows))
+        group = max(1, min(self.row_group_rows, self.row_group_bytes // per_row))
+        write_table_atomic(table, self.directory / name, row_group_size=group)
         self.written.append(name)
         self._rows = []
         self._bytes = 0
