@@ -87,6 +87,18 @@ def write_shards(root: Path, n_futures: int, seed: int) -> None:
         start += n
 
 
+def unicycle(n: int, v: float, yaw_rate: float, seed: int) -> np.ndarray:
+    """Futures at constant speed ``v`` (negative: reversing) and yaw rate, +-20% per future."""
+    rng = np.random.default_rng(seed)
+    v_ = v * rng.uniform(0.8, 1.2, n)[:, None]
+    w = yaw_rate * rng.uniform(0.8, 1.2, n)[:, None]
+    h = np.cumsum(np.broadcast_to(w, (n, 50)) * 0.1, axis=1)
+    x = np.cumsum(v_ * np.cos(h) * 0.1, axis=1)
+    y = np.cumsum(v_ * np.sin(h) * 0.1, axis=1)
+    p = np.arange(4, 50, 5)
+    return np.stack([x[:, p], y[:, p], (h[:, p] + np.pi) % (2 * np.pi) - np.pi], -1)
+
+
 # --------------------------------------------------------------------------- reference procedure
 
 
@@ -199,7 +211,9 @@ def main() -> None:
         "--reference-load-sizes", type=int, nargs="+", default=[40_000, 80_000, 160_000, 320_000],
         help="segment counts the quadratic reference load is timed at (>= 4)",
     )  # fmt: skip
-    ap.add_argument("--repeats", type=int, default=3, help="repetitions of fit, command and reference load")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="repetitions of fit, command and reference load"
+    )
     ap.add_argument(
         "--reference-core-segments", type=int, default=None, help="default: all segments"
     )
@@ -234,7 +248,7 @@ def main() -> None:
         for rep in range(args.repeats):  # the user's command, default held-out share and report
             t = time.perf_counter()
             with contextlib.redirect_stdout(sys.stderr):  # stdout is for the one JSON line
-                    rc = cli(["codebook", "--data", str(root), "--k", str(cfg.k), "--tol", str(cfg.tol),
+                rc = cli(["codebook", "--data", str(root), "--k", str(cfg.k), "--tol", str(cfg.tol),
                           "--seed", str(cfg.seed), "--out", str(root / f"codebook-{rep}")])  # fmt: skip
             command_runs.append(time.perf_counter() - t)
             if rc != 0:
@@ -263,6 +277,14 @@ def main() -> None:
         ids = tok.encode(held)
         encode_s = time.perf_counter() - t
         err = np.linalg.norm(tok.decode(ids)[..., :2] - held[..., :2], axis=-1)
+        far_rates = {}  # futures far from every token: exact bounded query (was a full scan)
+        for name, far in (
+            ("reversing", unicycle(5000, -2.0, 0.0, 1)),
+            ("sharp_turn", unicycle(5000, 4.0, 1.0, 2)),
+        ):
+            t = time.perf_counter()
+            tok.encode(far)
+            far_rates[name] = round(len(far) / (time.perf_counter() - t))
 
         ref_threads, thread_probe = pick_reference_threads(
             segments, cfg.tol, sorted({1, os.cpu_count() or 1})
@@ -320,6 +342,7 @@ def main() -> None:
                 "core_speedup": round(ref_core_s / kdisk_s, 1),
                 "encode_per_s": round(args.encode_futures / encode_s),
                 "encode_futures": args.encode_futures,
+                "encode_far_per_s": far_rates,
                 "heldout_ade_m": round(float(err.mean()), 4),
                 "heldout_fde_m": round(float(err[:, -1].mean()), 4),
                 "coverage": round(cov, 4),
