@@ -97,6 +97,34 @@ def test_tokenize_rerun_after_identical_refit(tmp_path, capsys) -> None:
     assert report["fit"]["fitted_at"]  # the fit's time is kept, outside the codebook files
 
 
+def test_dataset_order_on_the_command_line_does_not_change_the_codebook(tmp_path) -> None:
+    write_extract(tmp_path, "nuscenes", 80, seed=2, shards=1)
+    write_extract(tmp_path, "waymo_e2e", 80, seed=3, shards=1)
+    got = []
+    for i, order in enumerate((["nuscenes", "waymo_e2e"], ["waymo_e2e", "nuscenes"])):
+        out = tmp_path / f"cb{i}"
+        assert (
+            main(
+                [
+                    "codebook",
+                    "--data",
+                    str(tmp_path),
+                    "--k",
+                    "32",
+                    "--datasets",
+                    *order,
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        got.append(
+            (out / "codebook.safetensors").read_bytes() + (out / "codebook.json").read_bytes()
+        )
+    assert got[0] == got[1]
+
+
 # --------------------------------------------------------------------------- item 11
 
 
