@@ -11,11 +11,12 @@ A KD-tree over the token embeddings gives each query its nearest few tokens;
 the exact ``S`` is computed for those, and the answer is proven exact when
 the first token *not* examined has ``2 sqrt(2) E`` above the best ``S``.
 Rows that cannot be proven are retried with more neighbours, then by an
-exact bounded query: the best ``S`` found so far, ``s``, bounds the answer, so
-only tokens with ``E <= s / (2 sqrt(2))`` can beat it; the KD-tree returns
-exactly those (``distance_upper_bound``), and their ``S`` decides. Futures far
-from every token (reversing, sharp turns) used to take a full scan of all K
-tokens each. Ties go to the lowest token id, as a full ``argmin`` would.
+exact bounded query: the best ``S`` found so far, ``u``, bounds the answer,
+and ``S >= 4 |dp|``, so only tokens whose end position lies within ``u / 4``
+of the pose can beat it; a 2-D KD-tree over the token positions returns
+exactly those, and their ``S`` decides. Futures far from every token
+(reversing, sharp turns) used to take a full scan of all K tokens each. Ties
+go to the lowest token id, as a full ``argmin`` would.
 
 :meth:`TokenIndex.within` answers "is some token within ``limit``?" the same
 way (the codebook coverage), without finding the nearest token at all.
