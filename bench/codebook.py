@@ -11,11 +11,19 @@ What is timed:
   futures with varied speeds, curvatures, accelerations, lane changes, stops,
   written first), make the segments, sample, K-disk fit
   (:func:`tokenizer.fit.load_fit_data` + :func:`tokenizer.kdisk.kdisk_fit`).
+* ``command_seconds``: the whole ``drivevla codebook`` command on the same
+  shards (read, sample, fit, coverage, held-out round trip, report and PNGs,
+  writing the files), as a user runs it.
 * ``reference_seconds`` = reference load + reference core. The reference load
   reads the same shards, then builds the segment tensor one segment at a time
-  with ``torch.cat`` in a loop (quadratic); it is timed on a few small sizes,
-  fitted as ``a n^2 + b n`` and extrapolated to N (running it at 2M would take
-  about an hour). The reference core is the straightforward K-disk loop on
+  with ``torch.cat`` in a loop (quadratic); it is timed on at least 4 sizes up
+  to 320k segments (``--reference-load-sizes``), each ``--repeats`` times (the
+  minimum counts: other load only ever adds time), fitted as ``a n^2 + b n``
+  and extrapolated to N (running it at 2M would take about an hour). The fit's
+  relative residual, and the error of predicting the largest size from the
+  others (an honest measure of the extrapolation), are printed with it.
+* Fit and command are repeated ``--repeats`` times too; the minimum counts
+  and the spread (max / min) is printed. The reference core is the straightforward K-disk loop on
   torch (full-array distance to the centre every iteration, then compaction),
   run on the same N segments (or on ``--reference-core-segments`` and scaled
   linearly, its cost being proportional to N per iteration).
@@ -29,10 +37,12 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +85,18 @@ def write_shards(root: Path, n_futures: int, seed: int) -> None:
                 out / f"{a // ROWS_PER_SHARD:05d}-00000.parquet",
             )
         start += n
+
+
+def unicycle(n: int, v: float, yaw_rate: float, seed: int) -> np.ndarray:
+    """Futures at constant speed ``v`` (negative: reversing) and yaw rate, +-20% per future."""
+    rng = np.random.default_rng(seed)
+    v_ = v * rng.uniform(0.8, 1.2, n)[:, None]
+    w = yaw_rate * rng.uniform(0.8, 1.2, n)[:, None]
+    h = np.cumsum(np.broadcast_to(w, (n, 50)) * 0.1, axis=1)
+    x = np.cumsum(v_ * np.cos(h) * 0.1, axis=1)
+    y = np.cumsum(v_ * np.sin(h) * 0.1, axis=1)
+    p = np.arange(4, 50, 5)
+    return np.stack([x[:, p], y[:, p], (h[:, p] + np.pi) % (2 * np.pi) - np.pi], -1)
 
 
 # --------------------------------------------------------------------------- reference procedure
@@ -140,20 +162,40 @@ def pick_reference_threads(
     return best, {str(k): round(v, 3) for k, v in times.items()}
 
 
-def time_reference_load(stage_dir: Path, sizes: list[int]) -> dict:
-    """Time the quadratic load on a few sizes (segments) and fit ``a n^2 + b n``."""
+def _quadratic_fit(n: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    (a, b), _ = nnls(np.stack([n**2, n], 1), y)  # both terms are costs: a, b >= 0
+    return float(a), float(b)
+
+
+def time_reference_load(stage_dir: Path, sizes: list[int], repeats: int) -> dict:
+    """Time the quadratic load on >= 4 sizes (segments), ``repeats`` times each, and fit ``a n^2 + b n``."""
     t0 = time.perf_counter()
     fut = read_futures("bench", stage_dir).futures  # the read itself, as in our fit
     read_s_per_future = (time.perf_counter() - t0) / len(fut)
-    points = []
-    for n in [n for n in sizes if n // 10 <= len(fut)]:
-        t = time.perf_counter()
-        reference_load(fut[: n // 10])
-        points.append((n, time.perf_counter() - t + read_s_per_future * n / 10))
-    n_arr = np.array([p[0] for p in points], float)
-    y = np.array([p[1] for p in points])
-    (a, b), _ = nnls(np.stack([n_arr**2, n_arr], 1), y)  # both terms are costs: a, b >= 0
-    return {"a": float(a), "b": float(b), "measured": [[int(n), round(s, 3)] for n, s in points]}
+    sizes = [n for n in sizes if n // 10 <= len(fut)]
+    if len(sizes) < 4:
+        raise SystemExit(f"reference load: need >= 4 sizes within the data, got {sizes}")
+    runs: dict[int, list[float]] = {n: [] for n in sizes}
+    for _ in range(repeats):  # interleaved, so a burst of load does not hit one size only
+        for n in sizes:
+            t = time.perf_counter()
+            reference_load(fut[: n // 10])
+            runs[n].append(time.perf_counter() - t + read_s_per_future * n / 10)
+    n_arr = np.array(sizes, float)
+    y = np.array([min(runs[n]) for n in sizes])
+    a, b = _quadratic_fit(n_arr, y)
+    pred = a * n_arr**2 + b * n_arr
+    # extrapolation check: fit without the largest size, predict it
+    a_loo, b_loo = _quadratic_fit(n_arr[:-1], y[:-1])
+    pred_last = a_loo * n_arr[-1] ** 2 + b_loo * n_arr[-1]
+    return {
+        "a": a,
+        "b": b,
+        "measured": [[int(n), round(min(runs[n]), 3)] for n in sizes],
+        "spread_max_over_min": {str(n): round(max(r) / min(r), 3) for n, r in runs.items()},
+        "fit_rel_rms_residual": round(float(np.sqrt(np.mean(((pred - y) / y) ** 2))), 4),
+        "largest_predicted_from_others_rel_error": round(float(pred_last / y[-1] - 1.0), 4),
+    }
 
 
 def main() -> None:
@@ -166,7 +208,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--encode-futures", type=int, default=200_000)
     ap.add_argument(
-        "--reference-load-sizes", type=int, nargs="+", default=[40_000, 80_000, 160_000]
+        "--reference-load-sizes", type=int, nargs="+", default=[40_000, 80_000, 160_000, 320_000],
+        help="segment counts the quadratic reference load is timed at (>= 4)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="repetitions of fit, command and reference load"
     )
     ap.add_argument(
         "--reference-core-segments", type=int, default=None, help="default: all segments"
@@ -183,13 +229,32 @@ def main() -> None:
             k=args.k, tol=args.tol, max_segments=args.segments, seed=args.seed, heldout_fraction=0.0
         )
 
-        t0 = time.perf_counter()
-        fd = load_fit_data(root, cfg)
-        t1 = time.perf_counter()
-        fit = kdisk_fit(fd.sample.segments, cfg.k, cfg.tol, cfg.seed)
-        t2 = time.perf_counter()
+        fit_runs, kdisk_runs = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            fd = load_fit_data(root, cfg)
+            t1 = time.perf_counter()
+            fit = kdisk_fit(fd.sample.segments, cfg.k, cfg.tol, cfg.seed)
+            t2 = time.perf_counter()
+            fit_runs.append(t2 - t0)
+            kdisk_runs.append(t2 - t1)
         segments = fd.sample.segments
-        fit_s, kdisk_s = t2 - t0, t2 - t1
+        read_s = min(fit_runs) - min(kdisk_runs)
+        fit_s, kdisk_s = min(fit_runs), min(kdisk_runs)
+
+        from pipelines.cli import main as cli
+
+        command_runs = []
+        for rep in range(args.repeats):  # the user's command, default held-out share and report
+            t = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):  # stdout is for the one JSON line
+                rc = cli(["codebook", "--data", str(root), "--k", str(cfg.k), "--tol", str(cfg.tol),
+                          "--seed", str(cfg.seed), "--out", str(root / f"codebook-{rep}")])  # fmt: skip
+            command_runs.append(time.perf_counter() - t)
+            if rc != 0:
+                raise SystemExit(f"drivevla codebook exited {rc}")
+        report = json.loads((root / "codebook-0" / "report.json").read_text())
+        command_s = min(command_runs)
 
         index = TokenIndex(fit.tokens)
         t = time.perf_counter()
@@ -212,11 +277,21 @@ def main() -> None:
         ids = tok.encode(held)
         encode_s = time.perf_counter() - t
         err = np.linalg.norm(tok.decode(ids)[..., :2] - held[..., :2], axis=-1)
+        far_rates = {}  # futures far from every token: exact bounded query (was a full scan)
+        for name, far in (
+            ("reversing", unicycle(5000, -2.0, 0.0, 1)),
+            ("sharp_turn", unicycle(5000, 4.0, 1.0, 2)),
+        ):
+            t = time.perf_counter()
+            tok.encode(far)
+            far_rates[name] = round(len(far) / (time.perf_counter() - t))
 
         ref_threads, thread_probe = pick_reference_threads(
             segments, cfg.tol, sorted({1, os.cpu_count() or 1})
         )
-        load_fit = time_reference_load(root / "extract" / "waymo_e2e", args.reference_load_sizes)
+        load_fit = time_reference_load(
+            root / "extract" / "waymo_e2e", args.reference_load_sizes, args.repeats
+        )
         n = len(segments)
         ref_load_s = load_fit["a"] * n * n + load_fit["b"] * n
 
@@ -244,19 +319,30 @@ def main() -> None:
                 "loadavg_1min_at_start": load_at_start,
                 "reference_torch_threads": ref_threads,
                 "reference_thread_probe_s": thread_probe,
+                "repeats": args.repeats,
                 "fit_seconds": round(fit_s, 2),
+                "fit_seconds_runs": [round(v, 2) for v in fit_runs],
+                "fit_spread_max_over_min": round(max(fit_runs) / fit_s, 3),
                 "fit_breakdown": {
-                    "read_segments_sample_s": round(t1 - t0, 2),
+                    "read_segments_sample_s": round(read_s, 2),
                     "kdisk_s": round(kdisk_s, 2),
                 },
+                "command_seconds": round(command_s, 2),
+                "command_seconds_runs": [round(v, 2) for v in command_runs],
+                "command_spread_max_over_min": round(max(command_runs) / command_s, 3),
+                "command_timings": report["fit"]["timings"],
+                "command_how": "drivevla codebook (in-process cli.main): read + sample + K-disk + coverage + "
+                "held-out round trip + report.json/PNGs, default held-out share",
                 "reference_seconds": round(ref_s, 1),
                 "reference_load_seconds": round(ref_load_s, 1),
                 "reference_core_seconds": round(ref_core_s, 2),
                 "reference_core_tokens": ref_tokens,
                 "speedup": round(ref_s / fit_s, 1),
+                "speedup_command": round(ref_s / command_s, 1),
                 "core_speedup": round(ref_core_s / kdisk_s, 1),
                 "encode_per_s": round(args.encode_futures / encode_s),
                 "encode_futures": args.encode_futures,
+                "encode_far_per_s": far_rates,
                 "heldout_ade_m": round(float(err.mean()), 4),
                 "heldout_fde_m": round(float(err[:, -1].mean()), 4),
                 "coverage": round(cov, 4),

@@ -12,7 +12,12 @@ a temporary directory unless ``--data`` is given):
 * ``ratio`` = first / second (target >= 0.70).
 
 CPU time (not wall time) of this process is compared, the best of three
-interleaved repetitions each, so other load on the machine affects both alike.
+interleaved repetitions each, so other load on the machine affects both alike;
+the ratio of every repetition is printed too (``ratio_runs``), so the spread
+under load is visible. ``overhead_ms_per_row`` is the stage's CPU beyond the
+image work, per written row; ``--profile`` adds the functions that make it up
+(cProfile ``tottime`` outside PIL's decode/resize/encode, per row; the
+profiler inflates Python-level time, so read it as proportions).
 
 Peak memory: the stage runs in a child process on 1x and 3x the nuPlan input
 (logs copied under new names) and reports each child's peak RSS; streaming
@@ -27,6 +32,7 @@ import argparse
 import gc
 import json
 import logging
+import os
 import resource
 import shutil
 import subprocess
@@ -48,7 +54,38 @@ def _config(dataset: str, input_path: Path):
     )
 
 
-def bench_dataset(dataset: str, input_path: Path, work: Path, repeats: int = 3) -> dict:
+_IMAGE_FUNCS = (
+    "ImagingCore",
+    "ImagingDecoder",
+    "ImagingEncoder",
+)  # PIL's C work: the baseline's too
+
+
+def profile_overhead(stage, out: Path, rows: int, top: int = 10) -> list[list]:
+    """The functions that make up the non-image time of one stage run: [name, ms per row (tottime)]."""
+    import cProfile
+    import pstats
+
+    from pipelines.core.runner import run_stage
+
+    prof = cProfile.Profile()
+    prof.enable()
+    run_stage(stage, out, progress=False)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, func): (cc, nc, tottime, cumtime, callers)}
+    rows_ = []
+    for (file, line, func), (_, _, tottime, _, _) in stats.items():
+        if any(k in func for k in _IMAGE_FUNCS):
+            continue
+        where = f"{Path(file).name}:{line}({func})" if file != "~" else func
+        rows_.append([where, round(1000.0 * tottime / max(rows, 1), 3)])
+    rows_.sort(key=lambda r: -r[1])
+    return rows_[:top]
+
+
+def bench_dataset(
+    dataset: str, input_path: Path, work: Path, repeats: int = 3, profile: bool = False
+) -> dict:
     import pipelines.sources.base as base
     from pipelines.core.runner import run_stage
     from pipelines.io.images import resize_jpeg
@@ -74,19 +111,28 @@ def bench_dataset(dataset: str, input_path: Path, work: Path, repeats: int = 3) 
     stage = ExtractStage(cfg)
     stage.setup()  # per-worker setup (devkit tables) is a one-off cost, not per sample
     cpu = wall = image_cpu = float("inf")
+    ratios = []
     for rep in range(repeats):
         gc.collect()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         summary = run_stage(stage, work / f"{dataset}-timed-{rep}", progress=False)
-        cpu = min(cpu, time.process_time() - cpu0)
+        run_cpu = time.process_time() - cpu0
+        cpu = min(cpu, run_cpu)
         wall = min(wall, time.perf_counter() - wall0)
         gc.collect()
         cpu0 = time.process_time()
         for data in recorded:
             resize_jpeg(data, cfg.image)
-        image_cpu = min(image_cpu, time.process_time() - cpu0)
+        run_image = time.process_time() - cpu0
+        image_cpu = min(image_cpu, run_image)
+        ratios.append(round(run_image / run_cpu, 3))
 
     n = summary.written
+    extra = (
+        {"overhead_profile_ms_per_row": profile_overhead(stage, work / f"{dataset}-prof", n)}
+        if profile
+        else {}
+    )
     return {
         "samples": n,
         "seen": summary.seen,
@@ -99,6 +145,10 @@ def bench_dataset(dataset: str, input_path: Path, work: Path, repeats: int = 3) 
         "samples_per_s_per_core": round(n / cpu, 2),
         "limit_samples_per_s_per_core": round(n / image_cpu, 2),
         "ratio": round(image_cpu / cpu, 3),
+        "ratio_runs": ratios,
+        "overhead_ms_per_row": round(1000.0 * (cpu - image_cpu) / max(n, 1), 3),
+        "image_ms_per_row": round(1000.0 * image_cpu / max(n, 1), 3),
+        **extra,
     }
 
 
@@ -167,20 +217,34 @@ def main() -> None:
         help="camera resolution of the generated data (default: the generator's, 320x200); "
         "e.g. 1600x900 for nuScenes-like frames",
     )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="interleaved repetitions of stage and image work"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="add a cProfile breakdown of the per-row overhead"
+    )
     p.add_argument("--child", nargs=3, metavar=("DATASET", "INPUT", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         _child(*args.child)
         return
     logging.basicConfig(level=logging.ERROR)
+    load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews every figure
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         work = Path(tmp)
         if args.data is None:
             from pipelines.sample_data import generate
 
-            size = tuple(int(v) for v in args.image_size.lower().split("x")) if args.image_size else None
+            size = (
+                tuple(int(v) for v in args.image_size.lower().split("x"))
+                if args.image_size
+                else None
+            )
             args.data = generate(work / "data", seed=0, size="default", image_size=size).root
-        per = {ds: bench_dataset(ds, args.data / ds, work / "out") for ds in args.datasets}
+        per = {
+            ds: bench_dataset(ds, args.data / ds, work / "out", args.repeats, args.profile)
+            for ds in args.datasets
+        }
         rss = {}
         for copies in (1, 3):
             root = replicate_nuplan(args.data / "nuplan", work / f"nuplan-{copies}x", copies)
@@ -196,6 +260,10 @@ def main() -> None:
                 "samples_per_s_per_core": round(n / cpu, 2),
                 "limit_samples_per_s_per_core": round(n / img, 2),
                 "ratio": round(img / cpu, 3),
+                "ratio_runs_by_dataset": {ds: d["ratio_runs"] for ds, d in per.items()},
+                "overhead_ms_per_row": round(1000.0 * (cpu - img) / n, 3),
+                "repeats": args.repeats,
+                "loadavg_1min_at_start": load_at_start,
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in rss.values()),
                 "peak_rss_mb_by_input": {k: v["peak_rss_mb"] for k, v in rss.items()},
                 "rss_before_run_mb_by_input": {k: v["rss_before_run_mb"] for k, v in rss.items()},

@@ -1,11 +1,19 @@
 """Upload a built dataset (shards, card, plots) to the Hugging Face Hub (DESIGN.md section 8).
 
-* The token comes from ``HF_TOKEN`` only (or the caller), and is never logged.
-* Repositories are private unless asked otherwise.
+* The token comes from the caller or ``huggingface_hub``'s standard lookup
+  (``HF_TOKEN``, then the token saved by ``hf auth login``), and is never logged.
+* Repositories are private unless asked otherwise; a ``revision`` branch that
+  does not exist yet is created (from the default branch, as the Hub does).
+* The codebook (``codebook/codebook.safetensors`` + ``codebook/codebook.json``)
+  travels with the dataset: without it the action tokens cannot be decoded.
+  It must be the one the build was made with (its ``tensors_sha256`` is
+  checked against the build's ``stats.json``).
 * Resumable: the remote tree is listed first and files already there with the
   same content (LFS sha256, or git blob id for small files) are not sent
-  again; the rest goes in commits of bounded size, so an interrupted push
-  keeps every finished commit. ``manifest.json`` goes in the first commit,
+  again; the rest goes in ``create_commit`` calls of bounded size, so an
+  interrupted push keeps every finished commit (``upload_folder`` makes one
+  commit of everything and ``upload_large_folder`` neither orders the card
+  last nor deletes stale shards, so neither fits here). ``manifest.json`` goes in the first commit,
   ``README.md`` (the card) in the last, so a complete card means a complete
   upload. The last commit also deletes remote shards and plots that this
   build does not have (a rebuilt dataset must not mix with old shards).
@@ -19,9 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,8 @@ TOKEN_ENV = "HF_TOKEN"
 CARD, MANIFEST = "README.md", "manifest.json"
 UPLOAD_GLOBS = ("manifest.json", "build_config.yaml", "stats.json", "shards/*.parquet", "plots/*.png", "README.md")
 MANAGED_DIRS = ("shards/", "plots/")  # remote files here that the build lacks are deleted
+CODEBOOK_REPO_DIR = "codebook"  # where the codebook files go in the repository
+STATS = "stats.json"
 DEFAULT_BATCH_FILES = 64
 DEFAULT_BATCH_BYTES = 8 * 1024**3
 
@@ -80,6 +89,42 @@ def local_files(build_dir: Path) -> list[str]:
     return out
 
 
+def check_codebook(build_dir: Path, codebook_dir: Path) -> dict[str, Path]:
+    """Repository path -> local file of the codebook that decodes this build's tokens (validated)."""
+    from tokenizer.codebook import CodebookError, codebook_paths, load_codebook
+
+    try:
+        cb = load_codebook(codebook_dir)
+    except CodebookError as exc:
+        raise HubError(
+            f"the codebook is needed to decode the action tokens and travels with the dataset: {exc} "
+            "(pass --codebook DIR)"
+        ) from None
+    stats_path = build_dir / STATS
+    built = None
+    if stats_path.is_file():
+        built = (json.loads(stats_path.read_text()).get("codebook") or {}).get("tensors_sha256")
+    if built and built != cb.meta.tensors_sha256:
+        raise HubError(
+            f"{codebook_dir} (tensors_sha256 {cb.meta.tensors_sha256[:12]}...) is not the codebook {build_dir} "
+            f"was built with ({STATS} says {built[:12]}...); pass the right one with --codebook"
+        )
+    return {f"{CODEBOOK_REPO_DIR}/{p.name}": p for p in codebook_paths(codebook_dir)}
+
+
+def resolve_token(token: str | None) -> str:
+    """The caller's token, else huggingface_hub's lookup (HF_TOKEN, then the saved `hf auth login` token)."""
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubError(
+            f"no Hugging Face token: set {TOKEN_ENV} to a write token or run `hf auth login` "
+            "(huggingface_hub's standard lookup)"
+        )
+    return token
+
+
 def git_blob_id(path: Path) -> str:
     """The git blob sha1 of a file (the Hub's ``oid`` of a non-LFS file)."""
     h = hashlib.sha1()
@@ -107,12 +152,14 @@ def same_content(local: Path, remote: Any) -> bool:
     return remote.blob_id == git_blob_id(local)
 
 
-def batches(paths: Sequence[str], root: Path, max_files: int, max_bytes: int) -> Iterator[list[str]]:
+def batches(
+    paths: Sequence[str], sources: Mapping[str, Path], max_files: int, max_bytes: int
+) -> Iterator[list[str]]:
     """Consecutive groups of at most ``max_files`` files and about ``max_bytes`` bytes."""
     batch: list[str] = []
     size = 0
     for p in paths:
-        n = (root / p).stat().st_size
+        n = sources[p].stat().st_size
         if batch and (len(batch) >= max_files or size + n > max_bytes):
             yield batch
             batch, size = [], 0
@@ -157,6 +204,7 @@ def push_dataset(
     build_dir: str | Path,
     repo_id: str,
     *,
+    codebook_dir: str | Path | None = None,
     private: bool = True,
     force: bool = False,
     endpoint: str | None = None,
@@ -165,21 +213,28 @@ def push_dataset(
     batch_files: int = DEFAULT_BATCH_FILES,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> PushResult:
-    """Upload ``build_dir`` (shards, card, plots, stats, manifest) to the dataset repo ``repo_id``."""
+    """Upload ``build_dir`` (shards, card, plots, stats, manifest) and its codebook to the dataset repo ``repo_id``.
+
+    ``codebook_dir`` defaults to ``<build_dir>/../codebook`` (``<data>/codebook``).
+    """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.hf_api import RepoFile
 
     build = Path(build_dir)
-    token = token or os.environ.get(TOKEN_ENV)
-    if not token:
-        raise HubError(f"set {TOKEN_ENV} to a Hugging Face write token (it is read from the environment only)")
+    token = resolve_token(token)
     paths = local_files(build)
     local_version = card_schema_version((build / CARD).read_text())
     if local_version is None:
         raise HubError(f"{build / CARD} has no drivevla.schema_version in its front matter; rebuild the card")
+    codebook = check_codebook(build, Path(codebook_dir) if codebook_dir is not None else build.parent / "codebook")
+    sources = {p: build / p for p in paths}
+    sources.update(codebook)
+    order = [p for p in paths if p != CARD] + sorted(codebook) + [CARD]  # card last
 
     api = HfApi(endpoint=endpoint, token=token)
     url = str(api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True))
+    if revision != "main":  # a new branch starts at the default branch's head, as on the Hub
+        api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
     remote = {
         f.path: f
         for f in api.list_repo_tree(repo_id, repo_type="dataset", recursive=True, revision=revision)
@@ -190,21 +245,21 @@ def push_dataset(
 
     result = PushResult(repo_id=repo_id, url=url)
     todo = []
-    for p in paths:
-        if p in remote and same_content(build / p, remote[p]):
+    for p in order:
+        if p in remote and same_content(sources[p], remote[p]):
             result.skipped.append(p)
         else:
             todo.append(p)
-    stale = sorted(p for p in remote if p.startswith(MANAGED_DIRS) and p not in set(paths))
+    stale = sorted(p for p in remote if p.startswith(MANAGED_DIRS) and p not in sources)
     card_changed = CARD in todo
     body = [p for p in todo if p != CARD]
-    groups = list(batches(body, build, batch_files, batch_bytes))
+    groups = list(batches(body, sources, batch_files, batch_bytes))
     if card_changed or stale:
         groups.append([CARD] if card_changed else [])
-    log.info("push %s: %d files to send, %d already there, %d stale, %d commits",
-             repo_id, len(todo), len(result.skipped), len(stale), len(groups))  # fmt: skip
+    log.info("push %s@%s: %d files to send, %d already there, %d stale, %d commits",
+             repo_id, revision, len(todo), len(result.skipped), len(stale), len(groups))  # fmt: skip
     for i, group in enumerate(groups, 1):
-        ops: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(build / p)) for p in group]
+        ops: list[Any] = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(sources[p])) for p in group]
         if i == len(groups):
             ops += [CommitOperationDelete(path_in_repo=p) for p in stale]
         info = api.create_commit(

@@ -78,3 +78,23 @@ def test_projection_puts_the_future_on_the_road_ahead():
     far = np.asarray(row["future"])[:, 0] > 6.0  # nearer points fall below the image's bottom edge
     assert proj["inside"][far].all() and not proj["inside"][0]
     assert (proj["uv"][:, 1] > H / 2).all()  # lower half: the road
+
+
+def test_card_configs_per_source_task_categories_and_thumbnail(tmp_path):
+    """Issue 14 item 15: a config per source (different licences), task_categories, a top-level thumbnail."""
+    import datasets
+
+    card = _card(tmp_path)
+    header = yaml.safe_load(card.read_text().split("---\n")[1])
+    assert header["task_categories"] == ["robotics", "image-text-to-text"]
+    configs = {c["config_name"]: c["data_files"] for c in header["configs"]}
+    assert list(configs)[0] == "default" and set(configs) == {"default", "nuscenes", "waymo_e2e"}
+    assert {f["split"]: f["path"] for f in configs["waymo_e2e"]}["train"] == "shards/train-waymo_e2e-*.parquet"
+    # each source config loads exactly that source's rows
+    ds = datasets.load_dataset(str(tmp_path / "build"), "waymo_e2e", cache_dir=str(tmp_path / "hf_cache"))
+    assert set(ds["train"]["dataset"]) == {"waymo_e2e"}
+    row = ds["train"][0]
+    # the thumbnail is decoded as an image at the top level: the front camera's current frame
+    front = next(c for c in row["cameras"] if c["name"] == "front")["frames"][-1]["image"]
+    assert ds["train"].features["thumbnail"] == datasets.Image()
+    assert row["thumbnail"].size == front.size and row["thumbnail"].tobytes() == front.tobytes()

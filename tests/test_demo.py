@@ -38,6 +38,8 @@ def test_demo_tiny_end_to_end_and_rerun(tmp_path, capsys):
         assert not stats["stats"]["scene_overlap"][ds]
     card = (out / "build" / "README.md").read_text()
     assert "## Counts" in card and "## Action codebook" in card and (out / "build" / "plots" / "distributions.png").is_file()
+    # the datasets cache of the load step stays out of build/, the folder `drivevla push` uploads (issue 14 item 16)
+    assert (out / ".hf_cache").is_dir() and not (out / "build" / ".hf_cache").exists()
 
     modes = {r["think_mode"] for r in rows}
     assert modes == {"slow", "fast"}

@@ -6,6 +6,14 @@ the vehicle box at each token). The JSON records how the codebook was made
 and a SHA-256 of the tensor file, so a JSON paired with the wrong tensors is
 refused. :func:`load_codebook` validates everything and names the file in
 every error.
+
+Both files are a function of the fit's inputs and seed only (same bytes for
+an identical refit, in any process): the safetensors header is serialised
+here with sorted keys (``safetensors`` writes its ``__metadata__`` map in
+Rust ``HashMap`` order, which differs between processes), the JSON is written
+with sorted keys, and no wall-clock time goes into either (the fit's time is
+in ``report.json``). The tokenize stage fingerprints the tensor file, so an
+identical refit keeps earlier tokenize outputs valid.
 """
 
 from __future__ import annotations
@@ -13,14 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import struct
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as load_tensors
-from safetensors.numpy import save as save_tensors
 
 from pipelines.core.shards import atomic_write_bytes
 from pipelines.io.fs import as_path
@@ -63,9 +70,9 @@ class CodebookMeta:
     coverage: float | None = None  # share of fit segments within tol of some token
     k_requested: int | None = None  # differs from k when segments ran out
     library_version: str = field(default_factory=library_version)
-    created_at: str = field(
-        default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds")
-    )
+    # No wall-clock default: the file must not change between identical fits. Kept for
+    # files written before that (they are still read); a fit's time is in report.json.
+    created_at: str | None = None
     format_version: int = FORMAT_VERSION
     tensors_sha256: str = ""  # filled by save_codebook
 
@@ -93,9 +100,53 @@ class Codebook:
 
     @classmethod
     def from_tokens(cls, tokens: np.ndarray, meta: CodebookMeta) -> Codebook:
+        """Tokens ``(K,3)`` with their end contours; refuses NaN/inf or headings outside [-pi, pi]."""
         tok = np.asarray(tokens, np.float64)
+        check_tokens(tok, "tokens")
         contours = end_contours(tok, meta.vehicle_length, meta.vehicle_width)
         return cls(tok.astype(np.float32), contours.astype(np.float32), meta)
+
+
+def check_tokens(tokens: np.ndarray, what: str) -> None:
+    """Raise :class:`CodebookError` unless ``tokens`` is a finite ``(K,3)`` array with headings in [-pi, pi]."""
+    if tokens.ndim != 2 or tokens.shape[1] != 3 or len(tokens) == 0:
+        raise CodebookError(f"{what}: shape {tokens.shape}, expected (K, 3) with K >= 1")
+    bad = ~np.isfinite(tokens).all(axis=1)
+    if bad.any():
+        raise CodebookError(
+            f"{what}: {int(bad.sum())} tokens hold NaN/inf, first token {int(np.flatnonzero(bad)[0])}"
+        )
+    if np.abs(tokens[:, 2]).max() > math.pi + 1e-5:
+        raise CodebookError(f"{what}: token headings outside [-pi, pi]")
+
+
+_ST_DTYPES = {np.dtype("float32"): "F32", np.dtype("float64"): "F64"}
+
+
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """A safetensors file with a canonical header (sorted metadata, tensors in name order).
+
+    The format (huggingface/safetensors README): an 8-byte little-endian header
+    length, a JSON header ``{"__metadata__": {str: str}, name: {"dtype", "shape",
+    "data_offsets": [begin, end]}}`` padded with spaces to a multiple of 8, then
+    the little-endian tensor bytes. ``safetensors.numpy.save`` writes the
+    metadata map in a per-process random order, so the bytes are built here.
+    """
+    header: dict[str, Any] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    chunks, offset = [], 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {
+            "dtype": _ST_DTYPES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        chunks.append(data)
+        offset += len(data)
+    text = json.dumps(header, separators=(",", ":")).encode()  # insertion order: sorted, as built
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
 
 
 def codebook_paths(path: str | Path) -> tuple[Path, Path]:
@@ -111,18 +162,31 @@ def codebook_paths(path: str | Path) -> tuple[Path, Path]:
 def save_codebook(codebook: Codebook, path: str | Path) -> tuple[Path, Path]:
     """Write the pair atomically (tensors first, then the JSON that vouches for them)."""
     st_path, js_path = codebook_paths(path)
-    data = save_tensors(  # serialised in memory: no local temp file (the target may be a URL)
+    tokens = np.asarray(codebook.tokens)
+    check_tokens(tokens, str(st_path))  # a NaN never reaches a file
+    expect = end_contours(
+        tokens.astype(np.float64), codebook.meta.vehicle_length, codebook.meta.vehicle_width
+    )
+    if codebook.contours.shape != expect.shape or not np.allclose(
+        codebook.contours, expect, atol=CONTOUR_ATOL
+    ):
+        raise CodebookError(
+            f"{st_path}: contours do not match the tokens (build codebooks with Codebook.from_tokens)"
+        )
+    data = safetensors_bytes(
         {
-            "tokens": np.ascontiguousarray(codebook.tokens, np.float32),
+            "tokens": np.ascontiguousarray(tokens, np.float32),
             "contours": np.ascontiguousarray(codebook.contours, np.float32),
         },
-        metadata={"format_version": str(FORMAT_VERSION), "k": str(codebook.k)},
+        {"format_version": str(FORMAT_VERSION), "k": str(codebook.k)},
     )
-    atomic_write_bytes(st_path, data)
     meta = replace(codebook.meta, k=codebook.k, tensors_sha256=hashlib.sha256(data).hexdigest())
-    atomic_write_bytes(
-        js_path, (json.dumps(meta.to_json(), indent=1, sort_keys=True) + "\n").encode()
-    )
+    try:  # before writing anything: a NaN in the metadata is not JSON
+        text = json.dumps(meta.to_json(), indent=1, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as exc:
+        raise CodebookError(f"{js_path}: metadata holds NaN/inf ({exc})") from None
+    atomic_write_bytes(st_path, data)
+    atomic_write_bytes(js_path, text.encode())
     return st_path, js_path
 
 

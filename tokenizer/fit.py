@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -136,12 +137,15 @@ def fit_codebook(
         "segments_drawn": sample.drawn,
         "null_futures": fd.null_futures,
         "exhausted": result.exhausted,
+        "segments_dropped": result.dropped,
         "disk_sizes": {
             "stand_still": int(result.members[0]),
             "median": float(np.median(result.members[1:])) if len(result.members) > 1 else None,
             "max": int(result.members[1:].max()) if len(result.members) > 1 else None,
         },
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        # wall-clock time lives here, not in codebook.json (whose bytes depend on inputs + seed only)
+        "fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     report = write_report(out, tokenizer, fd.heldout, fit_info, cfg.report_examples, fd.in_sample)
     return codebook, report

@@ -3,6 +3,9 @@
 The method, defined precisely so the fast fit and the plain reference make
 the same choices:
 
+0. Segments whose end position is more than ``MAX_SEGMENT_M`` from the
+   origin (200 m/s over a 0.5 s segment: a corrupt pose, not a motion) are
+   dropped and counted under ``far_segment``; the rest keep their order.
 1. Token 0 is "stand still" ``(0, 0, 0)``; every segment within ``tol`` of its
    end contour is removed with it (the token stays exactly zero).
 2. ``rng = np.random.default_rng(seed)``. While fewer than ``k`` tokens exist:
@@ -24,7 +27,7 @@ without scanning, and periodic compaction of the grid order.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,7 +38,8 @@ log = logging.getLogger(__name__)
 
 _BLOCK = 4096  # rows per block of the remaining-count index
 _COMPACT = 0.5  # rebuild the grid order once this share of its entries is removed
-_MAX_CELLS = 2**40  # grid keys must fit int64 comfortably
+MAX_SEGMENT_M = 100.0  # m: no road vehicle moves this far in 0.5 s
+FAR_SEGMENT = "far_segment"  # reason a segment is dropped from a fit
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,10 @@ class KDiskResult:
 
     tokens: np.ndarray  # (k,3) float64 dx m, dy m, dtheta rad
     members: np.ndarray  # (k,) int64 segments absorbed by each token's disk
-    centres: np.ndarray  # (k,) int64 index of each disk's centre segment (-1: stand still)
-    n_segments: int
+    centres: np.ndarray  # (k,) int64 index (into the input) of each disk's centre (-1: stand still)
+    n_segments: int  # segments clustered (input minus dropped)
     k_requested: int
+    dropped: dict[str, int] = field(default_factory=dict)  # segments left out, by reason
 
     @property
     def exhausted(self) -> bool:
@@ -77,7 +82,10 @@ def disk_token(members: np.ndarray) -> np.ndarray:
     )
 
 
-def _check(segments: np.ndarray, k: int, tol: float) -> np.ndarray:
+def _check(
+    segments: np.ndarray, k: int, tol: float
+) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """Validated segments with far ones dropped, the input index of each kept one, and the drop counts."""
     seg = np.asarray(segments, dtype=np.float64)
     if seg.ndim != 2 or seg.shape[1] != 3:
         raise ValueError(f"segments: shape {seg.shape}, expected (N, 3) of dx, dy, dtheta")
@@ -89,7 +97,21 @@ def _check(segments: np.ndarray, k: int, tol: float) -> np.ndarray:
         raise ValueError(f"k must be >= 1, got {k}")
     if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
-    return seg
+    far = np.hypot(seg[:, 0], seg[:, 1]) > MAX_SEGMENT_M
+    if not far.any():
+        return seg, np.arange(len(seg)), {}
+    first = int(np.flatnonzero(far)[0])
+    log.warning(
+        "K-disk: dropped %d segments (%s) ending more than %g m from their start, first #%d at %s; "
+        "check the futures for corrupt poses",
+        int(far.sum()), FAR_SEGMENT, MAX_SEGMENT_M, first, seg[first].tolist(),
+    )  # fmt: skip
+    keep = np.flatnonzero(~far)
+    if keep.size == 0:
+        raise ValueError(
+            f"segments: all {len(seg)} end more than {MAX_SEGMENT_M} m from their start"
+        )
+    return seg[keep], keep, {FAR_SEGMENT: int(far.sum())}
 
 
 def _warn_exhausted(n_tokens: int, k: int, n: int) -> None:
@@ -112,7 +134,7 @@ def kdisk_fit_plain(
     width: float = VEHICLE_WIDTH,
 ) -> KDiskResult:
     """The reference definition (full scan per token); slow, used to check :func:`kdisk_fit`."""
-    seg = _check(segments, k, tol)
+    seg, kept, dropped = _check(segments, k, tol)
     contours = end_contours(seg, length, width)
     zero = end_contours(np.zeros(3), length, width)
     remaining = np.ones(len(seg), bool)
@@ -131,9 +153,15 @@ def kdisk_fit_plain(
         members.append(disk.size)
         centres.append(int(c))
         remaining[disk] = False
-    return KDiskResult(
-        np.array(tokens), np.array(members, np.int64), np.array(centres, np.int64), len(seg), k
-    )
+    return _result(tokens, members, centres, kept, k, dropped)
+
+
+def _result(
+    tokens: list, members: list, centres: list, kept: np.ndarray, k: int, dropped: dict[str, int]
+) -> KDiskResult:
+    c = np.array(centres, np.int64)
+    c[c >= 0] = kept[c[c >= 0]]  # centre indices refer to the caller's input rows
+    return KDiskResult(np.array(tokens), np.array(members, np.int64), c, len(kept), k, dropped)
 
 
 class _Grid:
@@ -145,11 +173,9 @@ class _Grid:
         cy = np.floor(xy[:, 1] / cell).astype(np.int64)
         self.cx0, self.cy0 = int(cx.min()) - 1, int(cy.min()) - 1
         self.stride = int(cy.max()) - self.cy0 + 2
-        if (int(cx.max()) - self.cx0 + 2) * self.stride > _MAX_CELLS:
-            raise ValueError(
-                f"segments span {np.ptp(xy, axis=0)} m: too large for a {cell} m grid; "
-                "check the futures for implausible jumps"
-            )
+        # |xy| <= MAX_SEGMENT_M (far segments are dropped first), so only a tiny tol can overflow
+        if (int(cx.max()) - self.cx0 + 2) * self.stride > 2**62:
+            raise ValueError(f"tol {cell} m is too small for a grid over {2 * MAX_SEGMENT_M} m")
         self.keys_of = (cx - self.cx0) * self.stride + (cy - self.cy0)
         self.order = np.argsort(self.keys_of, kind="stable")
         self.keys = self.keys_of[self.order]
@@ -176,7 +202,7 @@ def kdisk_fit(
     width: float = VEHICLE_WIDTH,
 ) -> KDiskResult:
     """K-disk fit; identical to :func:`kdisk_fit_plain` for the same inputs, much faster."""
-    seg = _check(segments, k, tol)
+    seg, kept, dropped = _check(segments, k, tol)
     n = len(seg)
     contours = end_contours(seg, length, width)
     zero = end_contours(np.zeros(3), length, width)
@@ -222,6 +248,4 @@ def kdisk_fit(
         if removed_since > _COMPACT * len(grid.order):
             grid.compact(remaining)
             removed_since = 0
-    return KDiskResult(
-        np.array(tokens), np.array(members, np.int64), np.array(centres, np.int64), n, k
-    )
+    return _result(tokens, members, centres, kept, k, dropped)

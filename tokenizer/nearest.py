@@ -10,14 +10,23 @@ corner, so ``S >= 4 max(|dp|, s) >= 2 sqrt(2) E`` and ``S <= 4 E``.
 A KD-tree over the token embeddings gives each query its nearest few tokens;
 the exact ``S`` is computed for those, and the answer is proven exact when
 the first token *not* examined has ``2 sqrt(2) E`` above the best ``S``.
-Rows that cannot be proven are retried with more neighbours, then by a full
-scan. Ties go to the lowest token id, as a full ``argmin`` would.
+Rows that cannot be proven are retried with more neighbours, then by an
+exact bounded query: the best ``S`` found so far, ``u``, bounds the answer,
+and ``S >= 4 |dp|``, so only tokens whose end position lies within ``u / 4``
+of the pose can beat it; a 2-D KD-tree over the token positions returns
+exactly those, and their ``S`` decides. Futures far from every token
+(reversing, sharp turns) used to take a full scan of all K tokens each. Ties
+go to the lowest token id, as a full ``argmin`` would.
+
+:meth:`TokenIndex.within` answers "is some token within ``limit``?" the same
+way (the codebook coverage), without finding the nearest token at all.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from itertools import chain
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -26,7 +35,7 @@ from pipelines.geometry import VEHICLE_LENGTH, VEHICLE_WIDTH
 from tokenizer.segments import end_contours
 
 _LB = 2.0 * math.sqrt(2.0)  # S >= _LB * E
-_STAGES = (4, 32)  # neighbours examined before the full scan
+_STAGES = (4, 32)  # neighbours examined before the bounded query
 _SLACK = 1e-9  # relative margin for rounding in the proof
 
 
@@ -54,6 +63,7 @@ class TokenIndex:
         self.radius = math.hypot(length / 2.0, width / 2.0)
         self.contours = end_contours(self.tokens, length, width)  # (K,4,2)
         self.tree = cKDTree(self.embed(self.tokens))
+        self.pos_tree = cKDTree(self.tokens[:, :2])  # token end positions, for the bounded query
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
 
     def embed(self, poses: np.ndarray) -> np.ndarray:
@@ -83,6 +93,7 @@ class TokenIndex:
         best = np.empty(n, np.float64)
         query = end_contours(poses, self.length, self.width)
         todo = np.arange(n)
+        upper: np.ndarray | None = None  # per row of todo: the best S seen (an upper bound)
         emb = self.embed(poses)
         k_all = len(self.tokens)
         for k in _STAGES:
@@ -100,10 +111,68 @@ class TokenIndex:
             proven = bound > sb
             ids[todo[proven]] = pick[proven]
             best[todo[proven]] = sb[proven]
-            todo = todo[~proven]
-        if todo.size:
+            todo, upper = todo[~proven], sb[~proven]
+        if todo.size and upper is None:  # K below the first stage: a scan is as cheap
             ids[todo], best[todo] = self.nearest_full(poses[todo], query[todo])
+        elif todo.size:  # `upper` is the S of a real token, so every row finds one
+            ids[todo], best[todo] = self._bounded(poses[todo], query[todo], upper, workers)
         return ids, best
+
+    def _bounded(
+        self, poses: np.ndarray, query: np.ndarray, upper: np.ndarray, workers: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact nearest token among those with ``S <= upper`` per row (id K and ``inf`` where none is).
+
+        ``S >= 4 |dp|`` (opposite corners: ``|dp + w| + |dp - w| >= 2 |dp|``), so
+        only tokens whose *position* is within ``upper / 4`` of the pose can
+        win: a 2-D ball query, far tighter than the 4-D one for poses far from
+        every token (a future 10 m behind has 1 candidate there, ~300 in 4-D).
+        """
+        n = len(poses)
+        radius = upper * 0.25 * (1.0 + 1e-6) + 1e-9  # margin for rounding in the proof
+        balls = self.pos_tree.query_ball_point(poses[:, :2], radius, workers=workers)
+        lens = np.fromiter(map(len, balls), np.int64, count=n)
+        rows = np.repeat(np.arange(n), lens)
+        cand = np.fromiter(chain.from_iterable(balls), np.int64, count=int(lens.sum()))
+        s = summed_corner_distance(self.contours[cand], query[rows])
+        # lexicographic (S, id) minimum per row: the lowest id among exact ties, as argmin gives
+        o = np.lexsort((cand, s, rows))
+        first = np.ones(len(o), bool)
+        first[1:] = rows[o][1:] != rows[o][:-1]
+        ids = np.full(n, len(self.tokens), np.int64)  # K and inf: no token within the bound
+        best = np.full(n, np.inf)
+        ids[rows[o][first]] = cand[o][first]
+        best[rows[o][first]] = s[o][first]
+        return ids, best
+
+    def within(self, poses: np.ndarray, limit: float, chunk: int = 65536) -> np.ndarray:
+        """Whether some token's summed corner distance to each of ``poses (N,3)`` is ``<= limit`` (exact)."""
+        poses = np.asarray(poses, dtype=np.float64)
+        out = np.zeros(len(poses), bool)
+        k_all = len(self.tokens)
+        for a in range(0, len(poses), chunk):
+            p = poses[a : a + chunk]
+            emb = self.embed(p)
+            # S <= 4 E: a token with 4 E <= limit is within; S >= _LB E: none beyond limit / _LB is
+            dist, near = self.tree.query(
+                emb, k=1, distance_upper_bound=limit / _LB * (1.0 + 1e-6) + 1e-9,
+                workers=self.workers,
+            )  # fmt: skip
+            found = near < k_all
+            s = np.full(len(p), np.inf)
+            s[found] = summed_corner_distance(
+                self.contours[near[found]], end_contours(p[found], self.length, self.width)
+            )
+            hit = s <= limit
+            unsure = np.flatnonzero(found & ~hit)  # a farther-in-E token may still be within
+            if unsure.size:  # exact answer over the few tokens with S >= 4 |dp| <= limit possible
+                _, best = self._bounded(
+                    p[unsure], end_contours(p[unsure], self.length, self.width),
+                    np.full(unsure.size, limit), self.workers,
+                )  # fmt: skip
+                hit[unsure] = best <= limit
+            out[a : a + chunk] = hit
+        return out
 
     def nearest_full(
         self, poses: np.ndarray, query: np.ndarray | None = None

@@ -110,7 +110,8 @@ def dataset_dirs(data: str | Path, datasets: Sequence[str] | None = None) -> dic
     """``{dataset: <data>/extract/<dataset>}`` for the requested (default: every extracted) dataset."""
     root = as_path(data) / EXTRACT_DIR  # local path or s3:// / gs:// URL
     if datasets:
-        out = {d: root / d for d in datasets}
+        # sorted: the order they are named in must not change a fit (codebook bytes = inputs + seed)
+        out = {d: root / d for d in sorted(set(datasets))}
         missing = [d for d, p in out.items() if not list_shards(p)]
         if missing:
             have = sorted(p.name for p in root.glob("*") if list_shards(p)) if root.is_dir() else []

@@ -40,16 +40,33 @@ LICENCES: dict[str, tuple[str, str]] = {
 }
 
 
+# Hub task categories (the Hub's fixed list): camera clips + text prompt in, text (reasoning + action tokens) out.
+TASK_CATEGORIES = ["robotics", "image-text-to-text"]
+
+
 def front_matter(stats: Mapping[str, Any], meta: Mapping[str, Any]) -> str:
-    """YAML header: licence, configs/data_files per split (only splits that have shards), our versions."""
-    data_files = [{"split": s, "path": f"shards/{s}-*.parquet"} for s in SPLITS if stats["files"].get(s)]
+    """YAML header for the Hub.
+
+    ``configs``: ``default`` (every source, the first, so a plain
+    ``load_dataset(repo)`` gets it) plus one config per source dataset (the
+    sources have different licences: load only those whose terms you accept);
+    each lists only the splits that have shards. ``task_categories``, and our
+    versions under ``drivevla``.
+    """
+    splits = [s for s in SPLITS if stats["files"].get(s)]
+    configs = [{"config_name": "default", "data_files": [{"split": s, "path": f"shards/{s}-*.parquet"} for s in splits]}]
+    for ds in stats["datasets"]:
+        have = [s for s in splits if stats["counts"].get(ds, {}).get(s)]
+        if have:
+            configs.append({"config_name": ds, "data_files": [{"split": s, "path": f"shards/{s}-{ds}-*.parquet"} for s in have]})
     header = {
         "license": "other",
         "license_name": "source-dataset-licences",
         "pretty_name": meta.get("pretty_name", "DriveVLA training data"),
+        "task_categories": TASK_CATEGORIES,
         "tags": ["autonomous-driving", "vision-language-action", "trajectory-planning", "chain-of-thought"],
         "size_categories": [_size_category(sum(stats["total"].values()))],
-        "configs": [{"config_name": "default", "data_files": data_files}],
+        "configs": configs,
         "drivevla": {k: meta[k] for k in ("schema_version", "build_version", "prompt_version") if k in meta}
         | {"datasets": list(stats["datasets"]), "num_action_tokens": meta.get("num_action_tokens")},
     }
@@ -119,7 +136,11 @@ def render_card(
         s.append(f"> **Note:** {meta['notes']}\n")
 
     s.append("## Sources and licences\n")
-    s.append("This dataset is derived data. You must respect the licence of every source it was built from:\n")
+    s.append(
+        "This dataset is derived data. You must respect the licence of every source it was built from. Each "
+        "source is also its own config (`load_dataset(repo, \"<source>\")`), so you can load only the sources "
+        "whose terms you accept:\n"
+    )
     for ds in ds_list:
         title, text = LICENCES.get(ds, (ds, "Check the licence of this source before use."))
         s.append(f"- **{title}** (`{ds}`): {text}")
@@ -187,11 +208,16 @@ def render_card(
     if codebook:
         keep = ("k", "k_requested", "tol", "vehicle_length", "vehicle_width", "dt", "seed", "datasets",
                 "segment_count", "coverage", "created_at", "tensors_sha256")  # fmt: skip
-        s.append(_table(["key", "value"], [[k, codebook.get(k)] for k in keep if k in codebook]))
+        s.append(_table(["key", "value"], [[k, codebook.get(k)] for k in keep if codebook.get(k) is not None]))
         s.append(
             "\nActions are written as `<action_i>` tokens, i in [0, K). Token i is a K-disk cluster mean of "
             "(dx, dy, dtheta) 0.5 s segments; decode by rolling the tokens out from the current pose. The "
-            "codebook files (`codebook.safetensors`, `codebook.json`) are needed to decode.\n"
+            "codebook files (`codebook/codebook.safetensors`, `codebook/codebook.json`, uploaded with the "
+            "data by `drivevla push`) are needed to decode:\n\n"
+            "```python\nfrom huggingface_hub import snapshot_download\nfrom tokenizer import ActionTokenizer, load_codebook\n\n"
+            f'local = snapshot_download("{meta.get("repo_id", "<org>/<name>")}", repo_type="dataset", allow_patterns="codebook/*")\n'
+            'tok = ActionTokenizer(load_codebook(f"{local}/codebook"))\n'
+            'future = tok.decode([row["action_tokens"]])[0]  # (10, 3) x, y, heading at 2 Hz\n```\n'
         )
     else:
         s.append("No codebook metadata was found.\n")
@@ -212,7 +238,7 @@ def render_card(
         f'ds = load_dataset("{meta.get("repo_id", "<org>/<name>")}")\n'
         'row = ds["train"][0]\n'
         'front = next(c for c in row["cameras"] if c["name"] == "front")\n'
-        'front["frames"][-1]["image"]  # PIL.Image at the current time\n'
+        'front["frames"][-1]["image"]  # PIL.Image at the current time (also the top-level `thumbnail`)\n'
         'row["messages"]  # system / user / assistant chat with <action_i> tokens\n'
         "```\n\n"
         "Plain pyarrow works too (images are then `{bytes, path}` structs with JPEG bytes):\n\n"
@@ -231,6 +257,10 @@ def render_card(
     )
     s.append(_lens_text(ds_list))
     s.append(_table(["column", "type"], [[f"`{n}`", f"`{t}`"] for n, t in schema]))
+    s.append(
+        "\n`thumbnail` is the front camera's image at the current time (the same JPEG as in `cameras`), "
+        "at the top level so the Hub viewer shows it.\n"
+    )
     s.append(
         f"\nschema version {meta.get('schema_version')}, build version {meta.get('build_version')}, "
         f"prompt version {meta.get('prompt_version')}.\n"

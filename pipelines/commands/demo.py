@@ -22,6 +22,7 @@ from pipelines.core.runner import ENGINES
 
 log = logging.getLogger(__name__)
 
+HF_CACHE_DIR = ".hf_cache"  # under the demo data root, never inside build/ (which is pushed)
 DATASETS = ("waymo_e2e", "nuscenes", "nuplan", "bench2drive")
 DEMO_NOTE = (
     "Built by `drivevla demo` from the embedded sample data: synthetic scenes rendered by the project's "
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
 
         shards = out / "build" / "shards"
         files = {s: str(shards / f"{s}-*.parquet") for s in ("train", "validation") if any(shards.glob(f"{s}-*.parquet"))}
-        ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(out / "build" / ".hf_cache"))
+        # the cache (tens of MB) stays outside build/, the folder `drivevla push` uploads
+        ds = datasets.load_dataset("parquet", data_files=files, cache_dir=str(out / HF_CACHE_DIR))
         for split, d in ds.items():
             loaded[split] = len(d)
         row = ds["train"][0]

@@ -14,23 +14,30 @@ log = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "push",
-        help="upload <data>/build (shards, card, plots) to a Hugging Face dataset repository",
+        help="upload <data>/build (shards, card, plots) and the codebook to a Hugging Face dataset repository",
         description=(
             f"Upload the output of `drivevla build` (<data>/build: shards/*.parquet, README.md card, plots/, "
-            f"stats.json, manifest.json) to a dataset repository on the Hugging Face Hub with huggingface_hub. "
-            f"The token is read from the {TOKEN_ENV} environment variable only and never printed. The repository "
-            "is private unless --public. Files already on the Hub with the same content are skipped, the rest is "
-            "committed in batches, so rerunning an interrupted push resumes it. A repository whose card or "
-            "manifest has a different schema_version is not overwritten unless --force."
+            f"stats.json, manifest.json) and the codebook that decodes its action tokens (<data>/codebook -> "
+            f"codebook/codebook.safetensors + codebook/codebook.json) to a dataset repository on the Hugging Face "
+            f"Hub with huggingface_hub. The token comes from huggingface_hub's standard lookup ({TOKEN_ENV}, "
+            "then the token saved by `hf auth login`) and is never printed. The repository is private unless "
+            "--public; a --revision branch that does not exist is created. Files already on the Hub with the same "
+            "content are skipped, the rest is committed in batches (card last), so rerunning an interrupted push "
+            "resumes it. A repository whose card or manifest has a different schema_version is not overwritten "
+            "unless --force."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--repo", required=True, help="dataset repository id, org/name")
     p.add_argument("--data", required=True, type=Path, help="data root holding build/ (from `drivevla build`)")
+    p.add_argument(
+        "--codebook", type=Path, default=None,
+        help="codebook directory the build was tokenized with (default: <data>/codebook)",
+    )  # fmt: skip
     p.add_argument("--public", action="store_true", help="create the repository public (default: private)")
     p.add_argument("--force", action="store_true", help="push even if the remote schema_version differs")
     p.add_argument("--endpoint", default=None, help="Hub endpoint URL (default: huggingface_hub's, or HF_ENDPOINT)")
-    p.add_argument("--revision", default="main", help="branch to commit to")
+    p.add_argument("--revision", default="main", help="branch to commit to (created if missing)")
     p.add_argument("--batch-files", type=int, default=DEFAULT_BATCH_FILES, help="files per commit")
 
 
@@ -41,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         res = push_dataset(
-            build, args.repo, private=not args.public, force=args.force, endpoint=args.endpoint,
+            build, args.repo, codebook_dir=args.codebook or args.data / "codebook", private=not args.public, force=args.force, endpoint=args.endpoint,
             revision=args.revision, batch_files=args.batch_files,
         )  # fmt: skip
     except HubError as exc:

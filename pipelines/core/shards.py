@@ -31,6 +31,11 @@ SHARD_DIR = "shards"
 DONE_DIR = "_done"  # one completion marker per partition: the commit record
 DEFAULT_MAX_ROWS = 512
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # rough bound on one shard's row payload
+# Parquet row groups (h14cb, issue 14 item 14): the Hub viewer refuses row groups over ~286 MiB and
+# streaming reads one row group at a time. `datasets` batches image rows by 100
+# (config.ARROW_RECORD_BATCH_SIZE_FOR_IMAGE_DATASETS) and caps row groups at 100 MB (config.MAX_ROW_GROUP_SIZE).
+ROW_GROUP_ROWS = 100
+ROW_GROUP_BYTES = 100 * 1000 * 1000
 
 
 def atomic_write_bytes(path: AnyPath, data: bytes) -> None:
@@ -38,9 +43,9 @@ def atomic_write_bytes(path: AnyPath, data: bytes) -> None:
     fs.write_bytes(path, data)
 
 
-def write_table_atomic(table: pa.Table, path: AnyPath) -> None:
-    """Write one Parquet file atomically (readers never see a partial file)."""
-    fs.write_parquet(table, path)
+def write_table_atomic(table: pa.Table, path: AnyPath, row_group_size: int | None = ROW_GROUP_ROWS) -> None:
+    """Write one Parquet file atomically (readers never see a partial file); ``row_group_size`` rows a group."""
+    fs.write_parquet(table, path, row_group_size=row_group_size)
 
 
 def _row_nbytes(row: Mapping[str, Any]) -> int:
@@ -85,9 +90,12 @@ class ShardWriter:
         max_rows: int = DEFAULT_MAX_ROWS,
         max_bytes: int = DEFAULT_MAX_BYTES,
         attempt: str | None = None,
+        row_group_rows: int = ROW_GROUP_ROWS,
+        row_group_bytes: int = ROW_GROUP_BYTES,
     ) -> None:
         self.directory = fs.as_path(directory)
         self.attempt = attempt
+        self.row_group_rows, self.row_group_bytes = row_group_rows, row_group_bytes
         self.prefix = prefix
         self.schema = schema
         self.max_rows = max_rows
@@ -133,7 +141,10 @@ class ShardWriter:
         self._pending_rows_to_table()
         table = self._tables[0] if len(self._tables) == 1 else pa.concat_tables(self._tables)
         name = shard_name(self.prefix, len(self.written), self.attempt)
-        write_table_atomic(table, self.directory / name)
+        # at most row_group_rows rows and about row_group_bytes of payload per row group
+        per_row = max(1, self._bytes // self._n)
+        group = max(1, min(self.row_group_rows, self.row_group_bytes // per_row))
+        write_table_atomic(table, self.directory / name, row_group_size=group)
         self.written.append(name)
         self._tables = []
         self._n = 0

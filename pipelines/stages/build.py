@@ -44,6 +44,7 @@ from pipelines.io.fs import as_path, parquet_file
 from schemas.enums import ThinkMode
 from schemas.sample import (
     ACTION_TOKENS_FIELD,
+    IMAGE_TYPE,
     MESSAGES_TYPE,
     SAMPLE_FIELDS,
     SCHEMA_VERSION,
@@ -53,7 +54,8 @@ from schemas.sample import (
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
-BUILD_VERSION = "1.0.0"
+BUILD_VERSION = "1.1.0"  # 1.1.0: top-level `thumbnail` column
+THUMBNAIL = "thumbnail"
 
 _REASONING_KEEP = (
     "reasoning_scene",
@@ -94,13 +96,27 @@ BUILD_FIELDS: list[pa.Field] = [
     pa.field("filter_reasons", pa.list_(pa.string())),  # why the reasoning was rejected (empty: accepted / fast)
     pa.field("messages", MESSAGES_TYPE),  # rendered chat: system, user, assistant
     pa.field("prompt_version", pa.string()),  # annotators.training_prompt.PROMPT_VERSION
+    # front camera at the current time (the same JPEG as in `cameras`), top level so the Hub viewer shows it
+    pa.field(THUMBNAIL, IMAGE_TYPE),
 ]
 BUILD_COLUMNS: tuple[str, ...] = tuple(f.name for f in BUILD_FIELDS)
 
 
 def build_features() -> Any:
-    """The ``datasets.Features`` of :data:`BUILD_SCHEMA` (every camera frame an ``Image``)."""
-    return sample_features(pa.schema(BUILD_FIELDS))
+    """The ``datasets.Features`` of :data:`BUILD_SCHEMA` (every camera frame and the thumbnail an ``Image``)."""
+    import datasets
+
+    features = sample_features(pa.schema(BUILD_FIELDS))
+    features[THUMBNAIL] = datasets.Image()
+    return features
+
+
+def thumbnail(cameras: Any) -> dict[str, Any] | None:
+    """The front camera's frame at the current time (the last frame), or None without a front camera."""
+    for cam in cameras or ():
+        if cam.get("name") == "front" and cam.get("frames"):
+            return cam["frames"][-1].get("image")
+    return None
 
 
 def build_schema() -> pa.Schema:
@@ -264,6 +280,7 @@ class BuildStage(Stage):
         except PromptError as exc:
             return Fail(sid, "PromptError", str(exc), file)
         row["prompt_version"] = PROMPT_VERSION
+        row[THUMBNAIL] = thumbnail(row.get("cameras"))
         return {c: row.get(c) for c in BUILD_COLUMNS}
 
 
