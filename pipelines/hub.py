@@ -82,7 +82,12 @@ def card_schema_version(text: str) -> str | None:
 def local_files(build_dir: Path) -> list[str]:
     """Repository paths to upload, in upload order (manifest first, card last)."""
     out: list[str] = []
+    from pipelines.core.shards import list_shards
+
     for pattern in UPLOAD_GLOBS:
+        if pattern == "shards/*.parquet":  # committed shards only: those a partition marker lists
+            out += sorted(p.relative_to(build_dir).as_posix() for p in list_shards(build_dir))
+            continue
         out += sorted(p.relative_to(build_dir).as_posix() for p in build_dir.glob(pattern) if p.is_file())
     if CARD not in out or not any(p.startswith("shards/") for p in out):
         raise HubError(f"{build_dir} has no dataset card or no shards; run `drivevla build` first")

@@ -283,8 +283,9 @@ def make_build(root: Path, n_shards: int = 5, version: str = "1.0.0", tag: str =
             f"PAR1 {tag} {k}".encode() * 50
         )
     (b / "plots" / "distributions.png").write_bytes(b"\x89PNG fake " + tag.encode())
-    (b / "_done" / "x.json").write_text("{}")  # runner markers are not uploaded
-    (b / "manifest.json").write_text(json.dumps({"schema_version": version}))
+    shards = [f"train-nuscenes-{k:05d}-00000.parquet" for k in range(n_shards)]
+    (b / "_done" / "x.json").write_text(json.dumps({"shards": shards}))  # runner markers are not uploaded
+    (b / "manifest.json").write_text(json.dumps({"schema_version": version, "complete": True}))
     (b / "stats.json").write_text(json.dumps({"codebook": cb.meta.to_json()}))
     (b / "README.md").write_text(
         f"---\nlicense: other\ndrivevla:\n  schema_version: {version}\n---\n# card {tag}\n"
@@ -393,6 +394,7 @@ def test_codebook_travels_and_decodes_from_a_fresh_download(tmp_path, fake_hub):
         {"future": fut.tolist(), "action_tokens": pa.array(ids.tolist(), pa.list_(pa.int16(), 10))}
     )
     pq.write_table(table, build / "shards" / "train-nuscenes-00000-00000.parquet")
+    (build / "_done" / "x.json").write_text(json.dumps({"shards": ["train-nuscenes-00000-00000.parquet"]}))
     push_dataset(build, "org/drive", endpoint=fake_hub.url)
 
     fresh = tmp_path / "fresh_cache"  # nothing local: everything comes from the Hub
@@ -457,3 +459,26 @@ def test_saved_login_token_is_used(tmp_path, fake_hub, monkeypatch):
     Path(constants.HF_TOKEN_PATH).write_text(TOKEN + "\n")  # what `hf auth login` saves
     res = push_dataset(make_build(tmp_path), "org/drive", endpoint=fake_hub.url)
     assert res.commits and "README.md" in fake_hub.repos["org/drive"]["files"]
+
+
+# --------------------------------------------------------------------------- committed shards only
+
+
+def test_only_committed_shards_are_pushed_and_incomplete_builds_refused(tmp_path, fake_hub, capsys, caplog):
+    from pipelines.cli import main
+
+    build = make_build(tmp_path, n_shards=2)
+    # a leftover of a crashed attempt that no marker lists (the runner removes it on rerun)
+    (build / "shards" / "train-nuscenes-00009-00000.parquet").write_bytes(b"PAR1 stray" * 50)
+    push_dataset(build, "org/committed", endpoint=fake_hub.url)
+    shards = sorted(p for p in fake_hub.repos["org/committed"]["files"] if p.startswith("shards/"))
+    assert shards == [f"shards/train-nuscenes-{k:05d}-00000.parquet" for k in range(2)]
+
+    manifest = {"schema_version": "1.0.0", "complete": False, "stage": "build", "missing_partitions": ["p7"]}
+    (build / "manifest.json").write_text(json.dumps(manifest))
+    rc = main(["push", "--repo", "org/partial", "--data", str(tmp_path), "--endpoint", fake_hub.url])
+    assert rc == 2 and "org/partial" not in fake_hub.repos
+    assert "p7" in caplog.text and "incomplete" in caplog.text
+    capsys.readouterr()
+    rc = main(["push", "--repo", "org/cli2", "--data", "s3://bucket/data", "--endpoint", fake_hub.url])
+    assert rc == 2 and "local build directory" in capsys.readouterr().out

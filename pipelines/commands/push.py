@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from pipelines.commands.common import add_input_check_arg, check_inputs
 from pipelines.hub import DEFAULT_BATCH_FILES, TOKEN_ENV, HubError, push_dataset
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--repo", required=True, help="dataset repository id, org/name")
-    p.add_argument("--data", required=True, type=Path, help="data root holding build/ (from `drivevla build`)")
+    p.add_argument("--data", required=True, type=str, help="local data root holding build/ (from `drivevla build`)")
     p.add_argument(
         "--codebook", type=Path, default=None,
         help="codebook directory the build was tokenized with (default: <data>/codebook)",
@@ -39,16 +40,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--endpoint", default=None, help="Hub endpoint URL (default: huggingface_hub's, or HF_ENDPOINT)")
     p.add_argument("--revision", default="main", help="branch to commit to (created if missing)")
     p.add_argument("--batch-files", type=int, default=DEFAULT_BATCH_FILES, help="files per commit")
+    add_input_check_arg(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    build = args.data / "build"
     if "/" not in args.repo:
         print(f"error: --repo must be org/name, got {args.repo!r}")
         return 2
+    if "://" in args.data:  # huggingface_hub uploads local files; a Path would also collapse the URL
+        print(f"error: push uploads a local build directory; copy {args.data}/build to local disk first")
+        return 2
+    data = Path(args.data)
+    build = data / "build"
+    if not check_inputs([build], args, what="build"):  # never publish a build with missing partitions
+        return 2
     try:
         res = push_dataset(
-            build, args.repo, codebook_dir=args.codebook or args.data / "codebook", private=not args.public, force=args.force, endpoint=args.endpoint,
+            build, args.repo, codebook_dir=args.codebook or data / "codebook", private=not args.public, force=args.force, endpoint=args.endpoint,
             revision=args.revision, batch_files=args.batch_files,
         )  # fmt: skip
     except HubError as exc:
