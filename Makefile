@@ -84,6 +84,8 @@ bench: venv
 	$(PY) bench/codebook.py
 	$(PY) bench/extract.py
 	$(PY) bench/annotate.py
+	$(PY) bench/scale.py
+	$(PY) bench/rollout.py
 
 clean:
 	rm -rf $(DATA) .pytest_cache

@@ -114,7 +114,7 @@ class TokenIndex:
             todo, upper = todo[~proven], sb[~proven]
         if todo.size and upper is None:  # K below the first stage: a scan is as cheap
             ids[todo], best[todo] = self.nearest_full(poses[todo], query[todo])
-        elif todo.size:  # `upper` is the S of a real token, so every row finds one
+        elif todo.size and upper is not None:  # `upper` is the S of a real token, so every row finds one
             ids[todo], best[todo] = self._bounded(poses[todo], query[todo], upper, workers)
         return ids, best
 

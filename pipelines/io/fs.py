@@ -73,7 +73,7 @@ def as_path(p: AnyPath) -> Path:
     if is_url(s):
         if UPath is None:
             raise RuntimeError(f"{s}: URLs need universal_pathlib (pip install universal-pathlib)")
-        return UPath(s)
+        return UPath(s)  # type: ignore[return-value]  # a pathlib-compatible path over fsspec
     return Path(s)
 
 
