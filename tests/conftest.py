@@ -38,3 +38,17 @@ def sample_data(tmp_path_factory):
     from pipelines.sample_data import generate
 
     return generate(tmp_path_factory.mktemp("sample_data"), seed=0, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One intra-op thread for a test module of tiny models (``pytestmark = pytest.mark.usefixtures(...)``).
+
+    Their ops are too small to split; on a loaded 2-core machine extra threads only wait on each other.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

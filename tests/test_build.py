@@ -236,12 +236,12 @@ def test_format_critical_objects():
 
 
 def test_stages_pickle_for_ray_and_beam_workers(tmp_path):
-    import pickle
+    from _shipping import shipped
 
     build_fixture(tmp_path)
     inputs = [DatasetInputs("nuscenes", str(tmp_path / "annotate" / "nuscenes"), str(tmp_path / "filter" / "nuscenes"))]
     for stage in (BuildStage(inputs, BuildConfig(), K), FilterStage(tmp_path / "annotate" / "nuscenes", FilterStageConfig())):
-        clone = pickle.loads(pickle.dumps(stage))
+        clone = shipped(stage)
         assert clone.fingerprint() == stage.fingerprint()
         assert [p.id for p in clone.partitions()] == [p.id for p in stage.partitions()]
 

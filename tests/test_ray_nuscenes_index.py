@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pickle
-
 import pytest
+from _shipping import shipped
 
 from pipelines.config import load_config
 from pipelines.core.runner import run_partition, run_stage
@@ -46,7 +45,7 @@ def test_worker_never_loads_the_devkit_and_output_is_unchanged(stage, tmp_path, 
         raise AssertionError("a worker loaded the full nuScenes devkit tables")
 
     monkeypatch.setattr(NuScenes, "__init__", refuse)
-    worker = pickle.loads(pickle.dumps(stage))  # as shipped to a Ray/Beam worker
+    worker = shipped(stage)  # as shipped to a Ray/Beam worker
     worker.setup()
     for p in parts:
         r = run_partition(worker, p, tmp_path / "worker")

@@ -30,14 +30,7 @@ from training.rollout_vllm import (
     vllm_param_name,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model's ops are too small to split; on a loaded 2-core machine threads only wait on each other."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # --------------------------------------------------------------------------- config

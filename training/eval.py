@@ -27,7 +27,6 @@ repeated action token is a valid plan). Metrics (``training.benchmarks``):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -48,6 +47,7 @@ from annotators.training_prompt import (
 )
 from pipelines.meta_actions import future_meta_action
 from schemas.sample import MODEL_DT
+from training.cli import emit
 from training.data import BuiltRows, LengthGroupedBatchSampler, ShardIndex, collate, model_batch
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, ImportError) as exc:
         log.error("%s", exc)
         return 2
-    print(json.dumps(summary))
+    emit(summary)
     return 0
 
 

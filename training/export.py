@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from training.cli import emit
+
 log = logging.getLogger(__name__)
 
 SERVE_CMD = ("vllm serve {out} --served-model-name drivevla --max-model-len 8192 "
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    print(json.dumps(json.loads((dst / "export_info.json").read_text())))
+    emit(json.loads((dst / "export_info.json").read_text()))
     return 0
 
 

@@ -43,6 +43,7 @@ import torch
 
 from annotators.training_prompt import CAMERAS_FOR_MODEL
 from pipelines.config import dump_config, load_config
+from training.cli import emit
 from training.config import CONFIG_DIR
 from training.grpo_loss import LossConfig, group_advantages, grpo_loss
 from training.model import LORA_TARGETS, ModelConfig, load_model, read_num_action_tokens
@@ -586,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(RFTConfig, args.config, overrides)
     m = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json_line({k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}))
+        emit(json_line({k: round(v, 5) if isinstance(v, float) else v for k, v in m.items()}))
     return 0
 
 

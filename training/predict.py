@@ -14,11 +14,12 @@ is not found or the output of every row was malformed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from training.cli import emit
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         rec = make_record(text, ex["meta"], ids.count, decode_fn, time.perf_counter() - t0)
         n += 1
         n_ok += rec["format_error"] is None
-        print(json.dumps(rec) if args.json else format_record(rec), flush=True)
+        emit(rec if args.json else format_record(rec))
     log.info("%d rows, %d well-formed", n, n_ok)
     return 0 if n_ok else 2
 

@@ -57,6 +57,7 @@ import torch.distributed as dist
 
 from pipelines.config import dump_config, load_config, to_dict
 from training import checkpoint as ckpt
+from training.cli import emit
 from training.config import CONFIG_DIR, TrainConfig
 from training.data import BuiltRows, LengthGroupedBatchSampler, ShardIndex, collate, model_batch
 from training.loss import Denominators, keep_positions, local_denominators, sft_loss
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     metrics = train(cfg)
     if rank == 0:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+        emit({k: v for k, v in metrics.items() if k != "history"})
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
