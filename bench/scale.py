@@ -1,8 +1,12 @@
 """Scale benchmark (issue 12): prints ONE JSON line.
 
-* ``tokenize``: rows/s of the tokenize stage end to end (read shards, encode,
-  write shards with every image column) and of the encoder alone on the same
-  futures, in the same run; ``ratio`` = end to end / encoder (goal >= 0.5).
+* ``tokenize``: rows/s of the tokenize stage end to end (read the extracted
+  shards' ``sample_id`` and ``future``, encode, write the token table) and of
+  the encoder alone on the same futures, in the same run; ``ratio`` = end to
+  end / encoder (goal >= 0.5). Also, same run: reading the extracted rows whole
+  (every image column) alone and joined with their tokens as annotate does
+  (``join_ratio`` = joined / plain: what the token table costs the next stage),
+  and the pre-issue-12 row path (to_pylist, add the column, write every column).
 * ``extract_two_node``: extract rows/s on a private two-node local Ray cluster
   (`ray start --head` + `ray start --address`, one CPU each) with 1 and with 2
   workers; ``ratio`` = 2 workers / 1 worker. Includes worker start-up, as a user sees it.
@@ -12,7 +16,7 @@
   first partition, one unit per partition); ``ratio`` = 10x / 1x (goal: within 1.10).
   Measured as the worker process's ``VmHWM``.
 
-Usage: ``python bench/scale.py [--rows 4096] [--image-size 320x200] [--parts tokenize,rss,cluster]``.
+Usage: ``python bench/scale.py [--rows 16384] [--image-size 320x200] [--parts tokenize,rss,cluster]``.
 """
 
 from __future__ import annotations
@@ -64,8 +68,14 @@ def bench_tokenize(work: Path, rows: int, image_size: tuple[int, int]) -> dict:
 
     from pipelines.cli import main as cli
     from pipelines.core.runner import run_stage
-    from pipelines.core.shards import read_table
-    from pipelines.stages.tokenize import TokenizeStage
+    from pipelines.core.shards import read_parquet, read_table, write_table_atomic
+    from pipelines.stages.tokenize import (
+        TokenizeStage,
+        encode_column,
+        input_schema,
+        input_shards,
+        read_input,
+    )
     from tokenizer import ActionTokenizer, load_codebook
 
     src = _generate(work / "src", "waymo_e2e", {}, image_size)
@@ -74,8 +84,10 @@ def bench_tokenize(work: Path, rows: int, image_size: tuple[int, int]) -> dict:
     assert cli(["codebook", "--data", str(root), "--k", "64", "--datasets", "waymo_e2e"]) == 0
     base = read_table(root / "extract" / "waymo_e2e")
     base = base.filter(base.column("future").is_valid())
-    # tile the extracted rows to `rows` rows in shards of 512 (the default shard size)
+    # tile the extracted rows to `rows` rows in shards of 512 (the default shard size), sample ids kept unique
     big = pa.concat_tables([base] * (rows // base.num_rows + 1)).slice(0, rows)
+    ids = pa.array([f"{s}#{i}" for i, s in enumerate(big.column("sample_id").to_pylist())], pa.string())
+    big = big.set_column(big.column_names.index("sample_id"), big.schema.field("sample_id"), ids)
     tiled = work / "tiled" / "shards"
     tiled.mkdir(parents=True)
     for k in range(0, rows, 512):
@@ -90,10 +102,19 @@ def bench_tokenize(work: Path, rows: int, image_size: tuple[int, int]) -> dict:
     t0 = time.perf_counter()
     tok.encode(fut)
     enc = time.perf_counter() - t0
+    # What the next stage pays: the extracted rows read whole, alone and joined with the token table.
+    units = input_shards(tiled.parent, work / "tok")
+    plain_s, joined_s = [], []
+    for _ in range(3):  # alternated, best of three (the first pass also warms the page cache)
+        t0 = time.perf_counter()
+        n_plain = sum(read_parquet(p).num_rows for p in sorted(tiled.glob("*.parquet")))
+        plain_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        n_joined = sum(read_input(u).num_rows for u in units)
+        joined_s.append(time.perf_counter() - t0)
+    plain, joined = min(plain_s), min(joined_s)
+    assert n_plain == n_joined == rows
     # For reference, the row path this stage used before issue 12 (to_pylist, add the column, from_pylist).
-    from pipelines.core.shards import write_table_atomic
-    from pipelines.stages.tokenize import encode_column
-
     t0 = time.perf_counter()
     for k, shard in enumerate(sorted(tiled.glob("*.parquet"))):
         table = pq.read_table(shard)
@@ -101,7 +122,8 @@ def bench_tokenize(work: Path, rows: int, image_size: tuple[int, int]) -> dict:
         rows_ = table.to_pylist()
         for row, t in zip(rows_, tokens, strict=True):
             row["action_tokens"] = t
-        write_table_atomic(pa.Table.from_pylist(rows_, schema=stage.output_schema), work / "rowpath" / f"{k}.parquet")
+        out_schema = input_schema(tiled.parent, work / "tok")
+        write_table_atomic(pa.Table.from_pylist(rows_, schema=out_schema), work / "rowpath" / f"{k}.parquet")
     row_path = time.perf_counter() - t0
     return {
         "rows": rows,
@@ -110,6 +132,9 @@ def bench_tokenize(work: Path, rows: int, image_size: tuple[int, int]) -> dict:
         "encoder_rows_per_s": round(rows / enc, 1),
         "row_path_rows_per_s": round(rows / row_path, 1),  # the pre-issue-12 to_pylist path, same run
         "ratio": round(enc / e2e, 3),
+        "read_rows_per_s": round(rows / plain, 1),  # extracted rows, every column
+        "read_joined_rows_per_s": round(rows / joined, 1),  # the same joined with the token table
+        "join_ratio": round(plain / joined, 3),
     }
 
 
@@ -212,7 +237,8 @@ def bench_rss(work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=4096, help="tokenize rows (tiled from extracted WOD-E2E rows)")
+    ap.add_argument("--rows", type=int, default=16384,
+                    help="tokenize rows (tiled from extracted WOD-E2E rows; two tokenize partitions at the default)")
     ap.add_argument("--image-size", default="320x200", help="camera resolution WxH for the tokenize rows")
     ap.add_argument("--parts", default="tokenize,rss,cluster",
                     help="comma-separated measurements to run: tokenize, rss, cluster (skipped ones print null)")

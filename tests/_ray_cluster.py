@@ -9,6 +9,7 @@ here, never with a global ``ray stop``.
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,16 +28,49 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(n: int, span: int = 0) -> list[int]:
+    """``n`` distinct free ports below the kernel's ephemeral range, the last followed by ``span`` free ones.
+
+    A port picked by binding port 0 lies in the ephemeral range, from which the kernel also
+    hands out the local ends of outgoing connections: between our pick and Ray's bind, one
+    of the many gRPC connections a starting Ray node opens can take it, and the node
+    process then dies (`ray start --block` exits 1). Ports below that range are never
+    handed out that way.
+    """
+    lo = 20000
+    hi = min(_ephemeral_range()[0], 65535) - 1
+    rng = random.Random()
+    chosen: list[int] = []
+    for _ in range(10000):
+        if len(chosen) == n:
+            break
+        want = span + 1 if len(chosen) == n - 1 else 1
+        start = rng.randrange(lo, hi - want)
+        block = range(start, start + want)
+        if any(q in chosen for q in block) or any(c in block for c in chosen):
+            continue
+        if all(_bindable(q) for q in block):
+            chosen.append(start)
+    if len(chosen) != n:
+        raise RuntimeError(f"no {n} free ports between {lo} and {hi}")
+    return chosen
 
 
 TOKEN = secrets.token_hex(32)
@@ -71,6 +106,33 @@ def processes_with(marks: list[Path] | list[str]) -> dict[int, psutil.Process]:
     return out
 
 
+def _node_logs(tmp: Path) -> str:
+    """`ray start`'s own output and the tails of the node's error logs, for failure messages."""
+    out = []
+    for f in [tmp / "ray_start.log", *sorted(tmp.glob("session_latest/logs/*.err")),
+              *sorted(tmp.glob("session_latest/logs/ray_process_exit.log"))]:  # fmt: skip
+        try:
+            text = f.read_text(errors="replace")[-3000:]
+        except OSError:
+            continue
+        if text.strip():
+            out.append(f"== {f.name}\n{text}")
+    return "\n".join(out)
+
+
+def _stop_node(proc: subprocess.Popen, tmp: Path) -> None:
+    """Stop a failed node's processes (found by its private temp dir) and remove its temp dir."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+    for left in processes_with([tmp]).values():
+        try:
+            left.kill()
+        except psutil.Error:
+            pass
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 @dataclass
 class LocalCluster:
     temp_dirs: list[Path] = field(default_factory=list)
@@ -78,32 +140,80 @@ class LocalCluster:
     gcs_address: str = ""
     client_address: str = ""
 
-    def _start(self, args: list[str], cpus: int) -> None:
-        tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-        self.temp_dirs.append(tmp)
-        p = free_ports(9)
-        cmd = [RAY, "start", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
-               f"--temp-dir={tmp}", f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
-               f"--dashboard-agent-grpc-port={p[2]}", f"--dashboard-agent-listen-port={p[3]}",
-               f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
-               f"--min-worker-port={p[6]}", f"--max-worker-port={p[6] + 40}", "--disable-usage-stats",
-               f"--dashboard-port={p[7]}", "--object-store-memory=100000000", *args]  # fmt: skip
-        log = open(tmp / "ray_start.log", "wb")  # noqa: SIM115 - kept open for the process's life
-        self.procs.append(
-            subprocess.Popen(cmd, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        )
+    def _start(self, args: Callable[[], list[str]], cpus: int, attempts: int = 3) -> None:
+        """Start one `ray start --block` node; retried with fresh ports and a fresh temp dir if it dies starting.
+
+        ``args`` is called per attempt (a head picks its own GCS and client ports). A node
+        counts as started once it printed "Ray runtime started." and is still alive a few
+        seconds later (a raylet whose agent cannot start dies just after). When every attempt
+        fails, the error carries each attempt's `ray start` output and Ray's own error logs.
+        """
+        failures = []
+        for attempt in range(attempts):
+            tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+            w, *p = free_ports(9, span=40)  # the first is the start of a 41-port worker range
+            cmd = [RAY, "start", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
+                   f"--temp-dir={tmp}", f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
+                   f"--dashboard-agent-grpc-port={p[2]}", f"--dashboard-agent-listen-port={p[3]}",
+                   f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
+                   f"--min-worker-port={w}", f"--max-worker-port={w + 40}", "--disable-usage-stats",
+                   f"--dashboard-port={p[6]}", "--object-store-memory=100000000", *args()]  # fmt: skip
+            log_path = tmp / "ray_start.log"
+            log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's life
+            proc = subprocess.Popen(
+                cmd, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            if self._came_up(proc, log_path):
+                self.temp_dirs.append(tmp)
+                self.procs.append(proc)
+                return
+            failures.append(
+                f"--- attempt {attempt + 1}: exit code {proc.poll()}\n{_node_logs(tmp)}"
+            )
+            _stop_node(proc, tmp)
+        raise RuntimeError("`ray start` failed on every attempt:\n" + "\n".join(failures))
+
+    @staticmethod
+    def _came_up(
+        proc: subprocess.Popen, log_path: Path, timeout: float = 180.0, settle: float = 5.0
+    ) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if b"Ray runtime started." in log_path.read_bytes():
+                time.sleep(settle)
+                return proc.poll() is None
+            time.sleep(0.5)
+        return False
 
     def start_head(self, cpus: int = 1) -> None:
-        gcs, client = free_ports(2)
-        self._start(["--head", f"--port={gcs}", f"--ray-client-server-port={client}", "--include-dashboard=false"], cpus)
-        self.gcs_address = f"127.0.0.1:{gcs}"
-        self.client_address = f"ray://127.0.0.1:{client}"
+        def args() -> list[str]:
+            gcs, client = free_ports(2)
+            self.gcs_address = f"127.0.0.1:{gcs}"
+            self.client_address = f"ray://127.0.0.1:{client}"
+            return [
+                "--head",
+                f"--port={gcs}",
+                f"--ray-client-server-port={client}",
+                "--include-dashboard=false",
+            ]
+
+        self._start(args, cpus)
 
     def add_node(self, cpus: int = 1) -> None:
-        self._start([f"--address={self.gcs_address}"], cpus)
+        self._start(lambda: [f"--address={self.gcs_address}"], cpus)
+
+    def _check_alive(self) -> None:
+        for proc, tmp in zip(self.procs, self.temp_dirs, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"a `ray start` of this cluster exited ({proc.returncode}):\n{_node_logs(tmp)}"
+                )
 
     def wait_nodes(self, n: int, timeout: float = 300.0) -> None:
-        """Block until ``n`` alive nodes have registered (via short-lived subprocess drivers; slow on a busy box)."""
+        """Block until ``n`` alive nodes have registered (via short-lived subprocess drivers; slow on a busy box).
+
+        Fails at once, with the node's logs, if one of this cluster's `ray start` processes has exited.
+        """
         code = (
             "import ray,sys; ray.init(address=sys.argv[1], log_to_driver=False);"
             "print(sum(1 for x in ray.nodes() if x['Alive']))"
@@ -111,6 +221,7 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
+            self._check_alive()
             try:
                 r = subprocess.run([sys.executable, "-c", code, self.gcs_address], env=cluster_env(),
                                    capture_output=True, text=True, timeout=90)  # fmt: skip
@@ -121,6 +232,7 @@ class LocalCluster:
                 return
             last = r.stdout + r.stderr[-2000:]
             time.sleep(1.0)
+        self._check_alive()
         raise TimeoutError(f"Ray cluster did not reach {n} nodes: {last}")
 
     def logs(self, pattern: str) -> str:

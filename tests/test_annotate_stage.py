@@ -294,3 +294,39 @@ def test_server_ignoring_unknown_fields(tmp_path, guided, want_ok):
         assert status == {"failed": 8} and all(r.ignored == ("guided_json",) for r in log)
         assert {r["annotation_error"].split(":")[0] for r in t} == {"MalformedAnswer"}
         assert all("empty ['location', 'behaviour', 'why']" in r["annotation_error"] for r in t)
+
+
+def test_tokenized_input_is_joined_and_a_cache_from_before_the_token_table_is_reused(tmp_path):
+    """Annotate reads extracted rows joined with the token table; caches named `<shard>-00000` still count."""
+    import shutil
+
+    from pipelines.stages.tokenize import SOURCE_SHARD_FIELD
+
+    in_dir = write_extract(tmp_path, 12, 6)  # shards p000-00000, p001-00000
+    tok_dir = tmp_path / "tok"  # a token table as the tokenize stage writes it (by hand: no codebook needed)
+    (tok_dir / "shards").mkdir(parents=True)
+    schema = pa.schema([SOURCE_SHARD_FIELD, ("sample_id", pa.string()), ("action_tokens", pa.list_(pa.int16(), 10))])
+    want = {}
+    for k, shard in enumerate(sorted((in_dir / "shards").glob("*.parquet"))):
+        ids = pq.read_table(shard, columns=["sample_id"]).column(0).to_pylist()[1:]  # first row: no future
+        want.update({s: [k * 100 + i] * 10 for i, s in enumerate(ids)})
+        pq.write_table(pa.table({"source_shard": [shard.stem] * len(ids), "sample_id": ids,
+                                 "action_tokens": [want[s] for s in ids]}, schema=schema),
+                       tok_dir / "shards" / f"{shard.stem}-00000.parquet")  # fmt: skip
+    with FakeVLMServer(FaultConfig(model=MODEL, latency_s=0.0)) as srv:
+        cfg = vlm_config(srv.base_url)
+        stage = AnnotateStage(in_dir, cfg, tmp_path / "out1", progress=False, tokens_dir=tok_dir)
+        assert [p.id for p in stage.partitions()] == ["p000-00000", "p001-00000"]
+        first = run_stage(stage, tmp_path / "out1", engine="local", progress=False)
+        sent = len(srv.log)
+        # the cache as an earlier version named it (after the tokenize output shards), in a new output
+        for part in ("p000-00000", "p001-00000"):
+            shutil.copytree(tmp_path / "out1" / "_cache" / part, tmp_path / "out2" / "_cache" / f"{part}-00000")
+        stage2 = AnnotateStage(in_dir, cfg, tmp_path / "out2", progress=False, tokens_dir=tok_dir)
+        second = run_stage(stage2, tmp_path / "out2", engine="local", progress=False)
+        resent = len(srv.log) - sent
+    assert first.ok and first.written == 10 and sent == 10
+    assert second.ok and second.written == 10 and resent == 0
+    out = read_table(tmp_path / "out1")
+    assert dict(zip(out.column("sample_id").to_pylist(), out.column("action_tokens").to_pylist(), strict=True)) == want
+    assert read_table(tmp_path / "out2").select(COMPARE).equals(out.select(COMPARE))

@@ -9,7 +9,13 @@ import pytest
 from pipelines.core.runner import run_stage
 from pipelines.core.shards import ShardWriter, list_shards, read_table
 from pipelines.core.stage import Drop, Fail, Partition, Stage
-from pipelines.stages.tokenize import TokenizeStage, encode_column
+from pipelines.stages.tokenize import (
+    TokenizeStage,
+    encode_column,
+    input_schema,
+    input_shards,
+    read_input,
+)
 from schemas.sample import ACTION_TOKENS_FIELD
 
 
@@ -28,8 +34,8 @@ def _row_path_reference(stage: TokenizeStage, out_schema: pa.Schema) -> tuple[pa
     """What the row-by-row tokenize wrote before the Arrow path (to_pylist, add the column, from_pylist)."""
     stage.setup()
     rows, dropped, failed = [], 0, 0
-    for part in stage.partitions():
-        table = pq.read_table(part.payload["shard"])
+    for shard in (s for part in stage.partitions() for s in part.payload["shards"]):
+        table = pq.read_table(shard)
         tokens, bad = encode_column(stage._tokenizer, table.column("future"))
         for i, row in enumerate(table.to_pylist()):
             if i in bad:
@@ -43,18 +49,30 @@ def _row_path_reference(stage: TokenizeStage, out_schema: pa.Schema) -> tuple[pa
 
 
 def test_tokenize_arrow_path_matches_row_path_and_never_builds_rows(extracted, tmp_path, monkeypatch):
-    stage = TokenizeStage(extracted / "extract" / "waymo_e2e", extracted / "codebook")
-    reference, dropped, failed = _row_path_reference(stage, stage.output_schema)
+    extract_dir = extracted / "extract" / "waymo_e2e"
+    stage = TokenizeStage(extract_dir, extracted / "codebook")
+    reference, dropped, failed = _row_path_reference(stage, input_schema(extract_dir, tmp_path / "tok"))
+
     # Every written row must arrive as Arrow: the per-row dict path of the shard writer now raises.
     def no_rows(self, row):
         raise AssertionError(f"row {row.get('sample_id')} was turned into a Python dict")
 
+    # and tokenize reads no column but sample_id and future (the frames are never read)
+    read = pq.ParquetFile.read
+
+    def only_two_columns(self, columns=None, **kw):
+        assert columns is not None and set(columns) == {"sample_id", "future"}, columns
+        return read(self, columns=columns, **kw)
+
     monkeypatch.setattr(ShardWriter, "add", no_rows)
+    monkeypatch.setattr(pq.ParquetFile, "read", only_two_columns)
     summary = run_stage(stage, tmp_path / "tok", engine="local", progress=False)
     monkeypatch.undo()
     assert summary.ok and summary.written == reference.num_rows > 0
     assert sum(summary.dropped.values()) == dropped and sum(summary.failed.values()) == failed
-    out = read_table(tmp_path / "tok")
+    assert read_table(tmp_path / "tok").column_names == ["source_shard", "sample_id", "action_tokens"]
+    # the token table joined with the extracted rows is what the row path wrote
+    out = pa.concat_tables([read_input(u) for u in input_shards(extract_dir, tmp_path / "tok")])
     pq.write_table(reference, tmp_path / "ref.parquet", compression="zstd")  # as the row path's writer did
     reference = pq.read_table(tmp_path / "ref.parquet")
     assert out.schema.equals(reference.schema, check_metadata=True)

@@ -138,8 +138,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def ensure_input(args: argparse.Namespace) -> Path:
-    """The annotate input dir: extract (run if missing), then tokenize if a codebook exists."""
+def ensure_input(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """The annotate input: the extract dir (run if missing) and, if a codebook exists, the token table dir."""
     from pipelines.core.shards import list_shards
 
     extract_dir = args.data / EXTRACT_DIR / args.dataset
@@ -167,7 +167,7 @@ def ensure_input(args: argparse.Namespace) -> Path:
         raise RuntimeError(f"{extract_dir} is incomplete (see above)")
     codebook = args.data / "codebook"
     if not codebook.exists():
-        return extract_dir
+        return extract_dir, None
     from pipelines.stages.tokenize import TokenizeStage
 
     tok_dir = args.data / TOKENIZE_DIR / args.dataset
@@ -175,7 +175,7 @@ def ensure_input(args: argparse.Namespace) -> Path:
     print(summary.format())
     if not summary.ok:
         raise RuntimeError(f"tokenization of {args.dataset} did not finish; see the summary above")
-    return tok_dir
+    return extract_dir, tok_dir
 
 
 def dry_run(stage, n_show: int, limit: int | None) -> int:  # noqa: ANN001 - AnnotateStage, imported lazily
@@ -184,13 +184,12 @@ def dry_run(stage, n_show: int, limit: int | None) -> int:  # noqa: ANN001 - Ann
     from annotators.request import request_key
     from annotators.rules import rules_reasoning
     from annotators.selection import decide
-    from pipelines.core.shards import iter_rows
 
     cfg = stage.cfg
     modes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     shown = 0
-    for i, row in enumerate(iter_rows(stage.in_dir)):
+    for i, row in enumerate(stage.iter_rows()):
         if limit is not None and i >= limit:
             break
         mode, why, score = decide(row, cfg.selection, stage.cutoff)
@@ -239,8 +238,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = args.data / ANNOTATE_DIR / args.dataset
     try:
-        in_dir = ensure_input(args)
-        stage = AnnotateStage(in_dir, cfg, out, progress=not args.no_progress, limit=args.limit)
+        in_dir, tokens_dir = ensure_input(args)
+        stage = AnnotateStage(
+            in_dir, cfg, out, progress=not args.no_progress, limit=args.limit, tokens_dir=tokens_dir
+        )
     except (RuntimeError, FileNotFoundError, ConfigError) as exc:
         log.error("%s", exc)
         return 2

@@ -1,4 +1,4 @@
-"""``drivevla tokenize``: add ``action_tokens`` to extracted shards with a fitted codebook."""
+"""``drivevla tokenize``: the ``action_tokens`` of extracted samples, with a fitted codebook, as a token table."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pipelines.commands.common import (
     check_inputs,
     run_with_engine,
 )
+from pipelines.io import fs
 from pipelines.stages.tokenize import TokenizeStage
 from tokenizer.segments import dataset_dirs
 
@@ -23,17 +24,22 @@ TOKENIZE_DIR = "tokenize"  # <data>/tokenize/<dataset>
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tokenize",
-        help="add action_tokens (codebook ids of the future) to extracted shards",
+        help="encode every extracted future as action_tokens (codebook ids) in a token table",
         description=(
             "Encode every extracted sample's future with the action codebook (rollout-aware greedy) and "
-            "write the rows with an added action_tokens column (int16 [10]) to <out>/<dataset>/shards. "
-            "Rows without a future (test split) are dropped with reason no_future (they cannot be tokenized). "
-            "Resumable: finished input shards are skipped on a rerun."
+            "write a token table to <out>/<dataset>/shards: one shard per extracted shard, with the columns "
+            "sample_id and action_tokens (int16 [10]), rows in the extracted order. The camera frames are "
+            "neither read nor rewritten; annotate joins the tokens to the extracted rows by sample_id "
+            "(and refuses tokens that no longer match them). Rows without a future (test split) are dropped "
+            "with reason no_future (they cannot be tokenized). Resumable: finished input shards are skipped "
+            "on a rerun."
         ),
     )
     p.add_argument(
-        "--data", required=True, type=as_path,
-        help="data root (local path, s3://... or gs://...) holding extract/<dataset>/shards"
+        "--data",
+        required=True,
+        type=as_path,
+        help="data root (local path, s3://... or gs://...) holding extract/<dataset>/shards",
     )
     p.add_argument(
         "--datasets",
@@ -50,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--out", type=as_path, default=None, help=f"output root (default: <data>/{TOKENIZE_DIR})"
     )
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="delete each dataset's token table first instead of resuming (after a codebook refit or a new extract)",
+    )  # fmt: skip
     add_input_check_arg(p)
     add_engine_args(p, default="local")
 
@@ -63,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for name, in_dir in dirs.items():
         stage = TokenizeStage(in_dir, codebook)
+        if args.overwrite:
+            fs.remove_tree(out_root / name)
         summary = run_with_engine(stage, out_root / name, args)
         print(summary.format())
         rc = rc or (0 if summary.ok else 1)

@@ -41,6 +41,7 @@ from pipelines.core.shards import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_ROWS,
     DONE_DIR,
+    ROW_GROUP_ROWS,
     SHARD_DIR,
     ShardWriter,
     atomic_write_bytes,
@@ -229,7 +230,9 @@ def run_partition(
     res = PartitionResult(partition=partition.id)
     # Unique object names per attempt where there is no atomic rename (object stores).
     attempt = new_attempt_id() if fs.is_url(out_dir) else None
-    writer = ShardWriter(out_dir / SHARD_DIR, partition.id, stage.output_schema, max_rows, max_bytes, attempt)
+    max_rows = stage.shard_rows or max_rows
+    writer = ShardWriter(out_dir / SHARD_DIR, partition.id, stage.output_schema, max_rows, max_bytes, attempt,
+                         row_group_rows=stage.row_group_rows or ROW_GROUP_ROWS)  # fmt: skip
     dropped: Counter[str] = Counter()
     failed: Counter[str] = Counter()
     noted: Counter[str] = Counter()

@@ -151,18 +151,26 @@ class ShardWriter:
         self._bytes = 0
 
 
-def committed_shards(stage_dir: AnyPath) -> dict[str, list[str]] | None:
-    """``{partition: [shard names]}`` from the markers of ``stage_dir``; ``None`` without a ``_done/``."""
+def committed_markers(stage_dir: AnyPath) -> dict[str, dict[str, Any]] | None:
+    """``{partition: marker}`` of ``stage_dir`` (``shards``, ``written``, ...); ``None`` without a ``_done/``."""
     done = fs.join(stage_dir, DONE_DIR)
     markers = [p for p in fs.glob(done, "*.json") if not p.name.startswith(".")]
     if not markers and not done.is_dir():
         return None
-    out: dict[str, list[str]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for path, data in zip(markers, fs.cat_many(markers), strict=True):
         if data is None:  # deleted between listing and reading
             continue
-        out[path.stem] = list(json.loads(data).get("shards", []))
+        out[path.stem] = json.loads(data)
     return out
+
+
+def committed_shards(stage_dir: AnyPath) -> dict[str, list[str]] | None:
+    """``{partition: [shard names]}`` from the markers of ``stage_dir``; ``None`` without a ``_done/``."""
+    markers = committed_markers(stage_dir)
+    if markers is None:
+        return None
+    return {part: list(m.get("shards", [])) for part, m in markers.items()}
 
 
 def list_shards(stage_dir: AnyPath) -> list[Path]:

@@ -86,6 +86,10 @@ class Stage(ABC):
 
     name: ClassVar[str] = "stage"
     output_schema: pa.Schema
+    # Rows per output shard and per Parquet row group when the stage knows better than the defaults
+    # (which suit rows holding camera frames); a stage of tiny rows writes one large group instead.
+    shard_rows: ClassVar[int | None] = None
+    row_group_rows: ClassVar[int | None] = None
 
     @abstractmethod
     def partitions(self) -> list[Partition]:

@@ -1,7 +1,9 @@
 """Annotate stage: think-mode selection plus reasoning for every sample (DESIGN.md section 6).
 
-Input: one dataset's extracted (or tokenized) shards, one partition per input
-shard. Output: the same rows with the annotation columns of
+Input: one dataset's extracted shards, joined with their action tokens where
+tokenized (:func:`pipelines.stages.tokenize.read_input`), one partition per
+token shard (per extracted shard without tokens). Output: the same rows with
+the annotation columns of
 :mod:`annotators.schema`. Every row is written: fast rows with status
 ``skipped_fast``, slow rows ``ok`` or ``failed`` with ``annotation_error``
 (the filter and build stages decide what a failure means for training).
@@ -40,23 +42,24 @@ from annotators.runner import PartitionAnnotator
 from annotators.schema import annotation_schema
 from annotators.selection import SELECTION_COLUMNS, Cutoff, fit_cutoff, score_complexity
 from pipelines.config import to_dict
-from pipelines.core.shards import DONE_DIR, SHARD_DIR, list_shards, read_parquet
+from pipelines.core.shards import DONE_DIR, SHARD_DIR, list_shards
 from pipelines.core.stage import Drop, Outcome, Partition, Stage
-from pipelines.io.fs import as_path, parquet_file, url_to_fs
+from pipelines.io import fs
+from pipelines.io.fs import as_path, url_to_fs
+from pipelines.stages.tokenize import InputShard, input_schema, input_shards, read_input
 
 log = logging.getLogger(__name__)
 CACHE_DIR = "_cache"
 
 
-def fit_stage_cutoff(in_dir: Path, cfg: AnnotateConfig) -> Cutoff:
-    """The slow/fast cutoff over every input shard (label columns only)."""
+def fit_stage_cutoff(inputs: list[InputShard], names: set[str], cfg: AnnotateConfig) -> Cutoff:
+    """The slow/fast cutoff over every input row (label columns only; ``names``: the input's columns)."""
     if cfg.selection.mode == "threshold":
         return fit_cutoff((), cfg.selection)
+    cols = [c for c in (*SELECTION_COLUMNS, cfg.selection.scenario_column) if c in names]
     scored = []
-    for shard in list_shards(in_dir):
-        names = set(parquet_file(shard).schema_arrow.names)
-        cols = [c for c in (*SELECTION_COLUMNS, cfg.selection.scenario_column) if c in names]
-        for row in read_parquet(shard, columns=cols).to_pylist():
+    for unit in inputs:
+        for row in read_input(unit, columns=cols).to_pylist():
             scored.append((row["sample_id"], score_complexity(row, cfg.selection).score))
     return fit_cutoff(scored, cfg.selection)
 
@@ -73,20 +76,30 @@ class AnnotateStage(Stage):
         out_dir: str | Path,
         progress: bool = True,
         limit: int | None = None,
+        tokens_dir: str | Path | None = None,
     ) -> None:
-        self.in_dir = as_path(in_dir)  # local path or s3:// / gs:// URL
+        self.in_dir = as_path(in_dir)  # extracted shards: local path or s3:// / gs:// URL
+        self.tokens_dir = (
+            as_path(tokens_dir) if tokens_dir is not None else None
+        )  # their token table
         self.cfg = cfg
         self.limit = (
             limit  # only the first `limit` rows (shard order); the rest are dropped "beyond_limit"
         )
-        shards = list_shards(self.in_dir)
-        if not shards:
+        if not list_shards(self.in_dir):
             raise FileNotFoundError(
                 f"no shards under {self.in_dir / 'shards'} to annotate; run `drivevla extract` first"
             )
-        self.output_schema = annotation_schema(parquet_file(shards[0]).schema_arrow)
+        self.inputs = input_shards(self.in_dir, self.tokens_dir)
+        if not self.inputs:
+            raise FileNotFoundError(
+                f"no tokenized rows under {self.tokens_dir} to annotate: tokenize dropped every row of "
+                f"{self.in_dir} (no future: a test split?)"
+            )
+        schema = input_schema(self.in_dir, self.tokens_dir)
+        self.output_schema = annotation_schema(schema)
         self.cache_root = as_path(cfg.cache_dir) if cfg.cache_dir else as_path(out_dir) / CACHE_DIR
-        self.cutoff = fit_stage_cutoff(self.in_dir, cfg)
+        self.cutoff = fit_stage_cutoff(self.inputs, set(schema.names), cfg)
         self.progress = progress
         self.totals: Counter[str] = Counter()  # local engine only (workers elsewhere log their own)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +115,7 @@ class AnnotateStage(Stage):
         }
         return {
             "in_dir": str(self.in_dir),
+            "tokens_dir": str(self.tokens_dir) if self.tokens_dir is not None else None,
             "limit": self.limit,
             "annotator": d["annotator"],
             "annotate_fast": d["annotate_fast"],
@@ -114,13 +128,19 @@ class AnnotateStage(Stage):
     def partitions(self) -> list[Partition]:
         parts = []
         left = self.limit
-        for p in list_shards(self.in_dir):
-            n = parquet_file(p).metadata.num_rows
-            take = n if left is None else max(0, min(n, left))
+        for unit in self.inputs:
+            take = unit.rows if left is None else max(0, min(unit.rows, left))
             if left is not None:
                 left -= take
-            parts.append(Partition(p.stem, {"shard": str(p), "take": take}))
+            parts.append(
+                Partition(unit.id, {"shard": unit.shard, "tokens": unit.tokens, "take": take})
+            )
         return parts
+
+    def iter_rows(self) -> Iterator[dict[str, Any]]:
+        """Every input row (a dict, tokens joined), in partition order."""
+        for unit in self.inputs:
+            yield from read_input(unit).to_pylist()
 
     def reopen_failed(self, out_dir: str | Path) -> dict[str, int]:
         """Remove the completion markers of finished partitions whose rows hold failed VLM requests.
@@ -132,21 +152,21 @@ class AnnotateStage(Stage):
         """
         if self.cfg.annotator != "vlm" or not self.cfg.retry_failed:
             return {}
-        fs, root = url_to_fs(out_dir)  # markers and shards through the project's filesystem layer
+        fsys, root = url_to_fs(out_dir)  # markers and shards through the project's filesystem layer
         root = root.rstrip("/")
         fp = self.fingerprint()
         reopened: dict[str, int] = {}
         for part in self.partitions():
             marker = f"{root}/{DONE_DIR}/{part.id}.json"
             try:
-                m = json.loads(fs.cat_file(marker))
+                m = json.loads(fsys.cat_file(marker))
             except FileNotFoundError:
                 continue
             if m.get("fingerprint") != fp:
                 continue
             failed = 0
             for name in m.get("shards", []):
-                with fs.open(f"{root}/{SHARD_DIR}/{name}", "rb") as fh:
+                with fsys.open(f"{root}/{SHARD_DIR}/{name}", "rb") as fh:
                     cols = ["annotation_status", "annotation_provenance"]
                     for r in pq.read_table(fh, columns=cols).to_pylist():
                         prov = r["annotation_provenance"] or {}
@@ -154,7 +174,7 @@ class AnnotateStage(Stage):
                         if r["annotation_status"] == "failed" and prov.get("request_key"):
                             failed += 1
             if failed:
-                fs.rm(marker)
+                fsys.rm(marker)
                 reopened[part.id] = failed
         return reopened
 
@@ -188,9 +208,24 @@ class AnnotateStage(Stage):
             self._loop.close()
         self._loop = self._client = None
 
+    def _cache_dir(self, partition_id: str) -> Path:
+        """The partition's request cache; one written before the token-table layout is reused.
+
+        Partitions of tokenized input were named after the tokenize output shards then
+        (``<extracted shard>-00000``); their cached answers stay valid, so they are not paid twice.
+        """
+        path = fs.join(self.cache_root, partition_id)
+        legacy = fs.join(self.cache_root, f"{partition_id}-00000")
+        if self.tokens_dir is not None and not fs.exists(path) and fs.exists(legacy):
+            log.info("annotate %s: reusing the request cache %s", partition_id, legacy)
+            return legacy
+        return path
+
     def process(self, partition: Partition) -> Iterator[Outcome]:
         shard = as_path(partition.payload["shard"])
-        rows = read_parquet(shard).to_pylist()
+        tokens = partition.payload.get("tokens")
+        unit = InputShard(partition.id, str(shard), tuple(tokens) if tokens else None, -1)
+        rows = read_input(unit).to_pylist()
         take = int(partition.payload.get("take", len(rows)))
         for row in rows[take:]:
             yield Drop(row["sample_id"], "beyond_limit", str(shard))
@@ -204,7 +239,7 @@ class AnnotateStage(Stage):
         loop = self._loop or asyncio.new_event_loop()
         try:
             anns, report = loop.run_until_complete(
-                annotator.annotate(rows, self._client, self.cache_root / partition.id, bar)
+                annotator.annotate(rows, self._client, self._cache_dir(partition.id), bar)
             )
         finally:
             if bar is not None:
