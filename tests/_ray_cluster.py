@@ -85,6 +85,9 @@ def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # on without touching the shared ~/.ray/auth_token that other sessions' clusters use.
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_AUTH_TOKEN"] = TOKEN
+    # The Ray Client proxy gives a client's SpecificServer process 30 s to come up
+    # (ray/util/client/server/proxier.py, CHECK_CHANNEL_TIMEOUT_S); a busy 2-core CI box can take longer.
+    env["RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S"] = "180"
     env.update(extra or {})
     return env
 

@@ -220,3 +220,17 @@ def test_encode_column_isolates_each_bad_row(data) -> None:
     assert ids[1] is None and ids[4] is None
     good = np.array([fut[0], fut[5]], np.float64)
     np.testing.assert_array_equal(np.array([ids[0], ids[5]]), tok.encode(good))
+
+
+def test_tokenize_after_a_codebook_refit_asks_for_overwrite(tmp_path, caplog) -> None:
+    write_extract(tmp_path, "waymo_e2e", 120, seed=6)
+    fit = ["codebook", "--data", str(tmp_path), "--k", "32", "--datasets", "waymo_e2e"]
+    assert main(fit) == 0
+    tokenize = ["tokenize", "--data", str(tmp_path), "--engine", "local"]
+    assert main(tokenize) == 0
+    assert main([*fit[:4], "16", *fit[5:]]) == 0  # a refit with another K: tokens of the old one must not mix
+    assert main(tokenize) == 2
+    assert "--datasets waymo_e2e --overwrite" in caplog.text
+    assert main([*tokenize, "--overwrite"]) == 0
+    tokens = read_table(tmp_path / "tokenize" / "waymo_e2e").column("action_tokens").to_pylist()
+    assert max(max(t) for t in tokens) < 16

@@ -168,10 +168,17 @@ def ensure_input(args: argparse.Namespace) -> tuple[Path, Path | None]:
     codebook = args.data / "codebook"
     if not codebook.exists():
         return extract_dir, None
+    from pipelines.core.runner import StageMismatchError
     from pipelines.stages.tokenize import TokenizeStage
 
     tok_dir = args.data / TOKENIZE_DIR / args.dataset
-    summary = run_with_engine(TokenizeStage(extract_dir, codebook), tok_dir, args)
+    try:
+        summary = run_with_engine(TokenizeStage(extract_dir, codebook), tok_dir, args)
+    except StageMismatchError as exc:  # a refitted codebook, a new extract or an older token layout
+        raise RuntimeError(
+            f"{exc}; to replace the token table: drivevla tokenize --data {args.data} "
+            f"--datasets {args.dataset} --overwrite"
+        ) from None
     print(summary.format())
     if not summary.ok:
         raise RuntimeError(f"tokenization of {args.dataset} did not finish; see the summary above")

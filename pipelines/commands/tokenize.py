@@ -12,6 +12,7 @@ from pipelines.commands.common import (
     check_inputs,
     run_with_engine,
 )
+from pipelines.core.runner import StageMismatchError
 from pipelines.io import fs
 from pipelines.stages.tokenize import TokenizeStage
 from tokenizer.segments import dataset_dirs
@@ -75,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
         stage = TokenizeStage(in_dir, codebook)
         if args.overwrite:
             fs.remove_tree(out_root / name)
-        summary = run_with_engine(stage, out_root / name, args)
+        try:
+            summary = run_with_engine(stage, out_root / name, args)
+        except StageMismatchError as exc:  # another codebook, extract dir or an older layout
+            log.error("%s; to replace it: drivevla tokenize --data %s --datasets %s --overwrite",
+                      exc, args.data, name)  # fmt: skip
+            return 2
         print(summary.format())
         rc = rc or (0 if summary.ok else 1)
     return rc

@@ -90,6 +90,8 @@ class AnnotateStage(Stage):
             raise FileNotFoundError(
                 f"no shards under {self.in_dir / 'shards'} to annotate; run `drivevla extract` first"
             )
+        if self.tokens_dir is not None and not list_shards(self.tokens_dir) and not fs.is_dir(self.tokens_dir):
+            raise FileNotFoundError(f"no token table under {self.tokens_dir}; run `drivevla tokenize` first")
         self.inputs = input_shards(self.in_dir, self.tokens_dir)
         if not self.inputs:
             raise FileNotFoundError(

@@ -61,9 +61,8 @@ NO_FUTURE = "no_future"
 INVALID_FUTURE = "invalid_future"
 
 
-SOURCE_SHARD_FIELD = pa.field(
-    "source_shard", pa.string(), nullable=False
-)  # the extracted shard's stem
+# the stem of the extracted shard a token row belongs to
+SOURCE_SHARD_FIELD = pa.field("source_shard", pa.string(), nullable=False)
 TOKEN_COLUMNS = (SOURCE_SHARD_FIELD.name, "sample_id", ACTION_TOKENS_FIELD.name)
 ROWS_PER_PARTITION = 8192  # extracted rows per tokenize partition (about 0.1 s of encoding)
 READ_COLUMNS = ["sample_id", "future"]  # all tokenize reads of an extracted shard
