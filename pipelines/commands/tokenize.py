@@ -28,11 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="encode every extracted future as action_tokens (codebook ids) in a token table",
         description=(
             "Encode every extracted sample's future with the action codebook (rollout-aware greedy) and "
-            "write a token table to <out>/<dataset>/shards: one shard per extracted shard, with the columns "
-            "sample_id and action_tokens (int16 [10]), rows in the extracted order. The camera frames are "
+            "write a token table to <out>/<dataset>/shards: one shard per group of extracted shards (about "
+            "8,192 rows), with the columns source_shard, sample_id and action_tokens (int16 [10]), rows in "
+            "the extracted order. The camera frames are "
             "neither read nor rewritten; annotate joins the tokens to the extracted rows by sample_id "
             "(and refuses tokens that no longer match them). Rows without a future (test split) are dropped "
-            "with reason no_future (they cannot be tokenized). Resumable: finished input shards are skipped "
+            "with reason no_future (they cannot be tokenized). Resumable: finished groups are skipped "
             "on a rerun."
         ),
     )

@@ -2,7 +2,7 @@
 
 Input: one dataset's extracted shards, joined with their action tokens where
 tokenized (:func:`pipelines.stages.tokenize.read_input`), one partition per
-token shard (per extracted shard without tokens). Output: the same rows with
+extracted shard (that has tokenized rows, when tokenized). Output: the same rows with
 the annotation columns of
 :mod:`annotators.schema`. Every row is written: fast rows with status
 ``skipped_fast``, slow rows ``ok`` or ``failed`` with ``annotation_error``
