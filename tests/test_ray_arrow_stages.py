@@ -117,3 +117,20 @@ def test_shard_writer_splits_a_large_batch_by_bytes(tmp_path):
     w.flush()
     sizes = [pq.read_metadata(tmp_path / n).num_rows for n in w.written]
     assert sum(sizes) == 20 and len(sizes) >= 4 and max(sizes) <= 5
+
+
+def test_shard_writer_bounds_dict_rows_by_bytes_measuring_some_rows(tmp_path, monkeypatch):
+    """Rows added one by one: one in SIZE_SAMPLE is measured, and shards still split near max_bytes."""
+    import pipelines.core.shards as shards
+
+    measured = []
+    real = shards._row_nbytes
+    monkeypatch.setattr(shards, "_row_nbytes", lambda row: measured.append(row["sample_id"]) or real(row))
+    schema = pa.schema([("sample_id", pa.string()), ("img", pa.binary())])
+    w = ShardWriter(tmp_path, "p", schema, max_rows=1000, max_bytes=20_000)
+    for i in range(64):
+        w.add({"sample_id": str(i), "img": b"x" * 2000})
+    w.flush()
+    sizes = [pq.read_metadata(tmp_path / n).num_rows for n in w.written]
+    assert sum(sizes) == 64 and max(sizes) <= 10 and len(sizes) == 7  # 10 rows of ~2 kB per 20 kB shard
+    assert len(measured) < 64 // shards.SIZE_SAMPLE + len(sizes) + 1
