@@ -1,7 +1,11 @@
 """Benchmark the extract stage against the unavoidable work (DESIGN.md section 11).
 
-For each dataset of the embedded sample data (size ``default``, generated into
-a temporary directory unless ``--data`` is given):
+For each dataset of the embedded sample data (generated into a temporary
+directory unless ``--data`` is given; size ``bench`` by default, several hundred
+rows per dataset, so that a run's fixed costs (listing the input, the nuScenes
+tables loaded on the driver, markers, the manifest) weigh per row about as
+little as they do at real scale; ``--size default`` is the demo data, 51-202
+rows per dataset, where those costs weigh more per row):
 
 * ``samples_per_s_per_core``: rows written per CPU-second by the extract
   stage (local engine, one process; per-worker setup such as loading the
@@ -211,10 +215,16 @@ def main() -> None:
     )
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
     p.add_argument(
+        "--size",
+        default="bench",
+        choices=("default", "bench"),
+        help="sample-data size to generate (default: bench, ~5x the demo data)",
+    )
+    p.add_argument(
         "--image-size",
         default=None,
         metavar="WxH",
-        help="camera resolution of the generated data (default: the generator's, 320x200); "
+        help="camera resolution of the generated data (default: the size's, 320x200); "
         "e.g. 1600x900 for nuScenes-like frames",
     )
     p.add_argument(
@@ -229,6 +239,7 @@ def main() -> None:
         _child(*args.child)
         return
     logging.basicConfig(level=logging.ERROR)
+    given_data = args.data is not None
     load_at_start = round(os.getloadavg()[0], 2)  # other work on the machine skews every figure
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         work = Path(tmp)
@@ -240,7 +251,7 @@ def main() -> None:
                 if args.image_size
                 else None
             )
-            args.data = generate(work / "data", seed=0, size="default", image_size=size).root
+            args.data = generate(work / "data", seed=0, size=args.size, image_size=size).root
         per = {
             ds: bench_dataset(ds, args.data / ds, work / "out", args.repeats, args.profile)
             for ds in args.datasets
@@ -256,6 +267,7 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "extract",
+                "data": str(args.data) if given_data else f"generated, size {args.size}",
                 "image_size": args.image_size or "generator default",
                 "samples_per_s_per_core": round(n / cpu, 2),
                 "limit_samples_per_s_per_core": round(n / img, 2),

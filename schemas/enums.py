@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from functools import cache
 
 
 class StrEnum(str, Enum):
@@ -13,7 +14,13 @@ class StrEnum(str, Enum):
 
     @classmethod
     def values(cls) -> tuple[str, ...]:
-        return tuple(m.value for m in cls)
+        return _values(cls)
+
+
+@cache
+def _values(cls: type[StrEnum]) -> tuple[str, ...]:
+    # enums never change: the validator asks for the same tuples for every row
+    return tuple(m.value for m in cls)
 
 
 class Camera(StrEnum):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -218,6 +218,23 @@ class Object:
     state: str | None = None  # traffic-light state (red, yellow, green, off, unknown) or sign type
 
 
+def _object_record(o: Object) -> dict[str, Any]:
+    # The row dict of one object: ``dataclasses.asdict`` gives the same dict but deep-copies each
+    # value through a generic walk (about 0.3 ms a row with a few dozen objects in the extract profile).
+    return {
+        "category": o.category,
+        "x": o.x,
+        "y": o.y,
+        "heading": o.heading,
+        "length": o.length,
+        "width": o.width,
+        "vx": o.vx,
+        "vy": o.vy,
+        "track_id": o.track_id,
+        "state": o.state,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """A unified sample as Python values; ``to_record`` gives the Arrow row dict."""
@@ -288,7 +305,7 @@ class Sample:
             "preference_scores": None
             if self.preference_scores is None
             else [float(s) for s in self.preference_scores],
-            "objects": None if self.objects is None else [asdict(o) for o in self.objects],
+            "objects": None if self.objects is None else [_object_record(o) for o in self.objects],
             "drivelm_qa": self.drivelm_qa,
             "source_files": list(self.source_files),
             "extractor_version": self.extractor_version,

@@ -89,6 +89,22 @@ def test_record_roundtrip_through_arrow():
     validate_row(back.to_record())
 
 
+def test_object_rows_hold_every_field_of_object():
+    # to_record builds each object's dict by hand (asdict is slow): it must stay in step with Object and
+    # OBJECT_TYPE when a field is added to either.
+    from dataclasses import asdict, fields, replace
+
+    from schemas.sample import OBJECT_TYPE
+
+    objs = (
+        Object("vehicle", 12.0, 3.5, 0.1, 4.6, 1.9, -5.0, 0.0, "t1"),
+        Object("traffic_light", 30.0, -2.0, 3.1, 0.5, 0.5, None, None, "tl7", state="red"),
+    )
+    rows = replace(_sample(), objects=objs).to_record()["objects"]
+    assert rows == [asdict(o) for o in objs]
+    assert list(rows[0]) == [f.name for f in fields(Object)] == [f.name for f in OBJECT_TYPE]
+
+
 def test_test_split_needs_no_future_and_extras_survive():
     s = _sample("test")
     row = s.to_record()

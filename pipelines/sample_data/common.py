@@ -65,6 +65,23 @@ SIZES: Final[dict[str, SizeSpec]] = {
         bench2drive_clips=3,
         bench2drive_duration_s=15.0,
     ),
+    # Benchmarks: several hundred rows per dataset, so a run's fixed costs (input listing, markers,
+    # manifest) weigh per row about as little as at real scale; ~5x "default" on disk.
+    "bench": SizeSpec(
+        image_size=(320, 200),
+        waymo_segments={"training": 20, "validation": 4, "test": 1},
+        waymo_files={"training": 8, "validation": 2, "test": 1},
+        waymo_duration_s=20.0,
+        waymo_test_duration_s=8.0,
+        nuscenes_train_scenes=8,
+        nuscenes_val_scenes=2,
+        nuscenes_samples=40,
+        nuscenes_lidar_sweeps=4,
+        nuplan_logs={"trainval": 12, "test": 1},
+        nuplan_frames=80,
+        bench2drive_clips=10,
+        bench2drive_duration_s=20.0,
+    ),
 }
 
 
