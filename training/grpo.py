@@ -256,7 +256,7 @@ class Trainer:
     def __post_init__(self) -> None:
         self.backend = make_backend(self.cfg.rollout, self.model, self.tokenizer, self.device, self.dist.mode,
                                     self.dist.world, out_dir=self.cfg.out_dir, model_cfg=self.cfg.model,
-                                    cameras=self.cfg.data.cameras)
+                                    cameras=self.cfg.data.cameras, precision=self.cfg.precision)
         self.pad_id = int(self.tokenizer.pad_token_id)
 
     def autocast(self) -> contextlib.AbstractContextManager:

