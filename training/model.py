@@ -11,7 +11,9 @@
 * the vision tower frozen (default), optional LoRA (peft) on the language
   model's projections with the embeddings and LM head trained in full (the new
   action rows must learn), gradient checkpointing on request;
-* a :class:`training.vision.ClipProcessor` at the configured pixel budget.
+* a :class:`training.vision.ClipProcessor` at the configured pixel budget;
+* Qwen2.5-VL's multimodal RoPE positions as the model was built and as vLLM
+  computes them (:func:`use_qwen25vl_rope_index`).
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def load_model(cfg: ModelConfig, num_action_tokens: int, device: Any = "cpu") ->
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         cfg.path, dtype=torch.float32, attn_implementation=cfg.attn_implementation
     )
+    use_qwen25vl_rope_index(model)
     # A checkpoint's clip_processor.json wins; a differing explicit setting is an error (training.vision).
     processor = ClipProcessor.from_pretrained(cfg.path, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     tok = processor.tokenizer
@@ -216,3 +219,71 @@ def read_num_action_tokens(codebook_dir: str | Path) -> int:
         if key in data:
             return int(data[key])
     raise ValueError(f"{meta} has no 'K' entry (keys: {sorted(data)})")
+
+
+def qwen25vl_rope_index(core: Any, input_ids: Any, mm_token_type_ids: Any, image_grid_thw: Any = None,
+                        video_grid_thw: Any = None, second_per_grid_ts: Any = None, attention_mask: Any = None,
+                        **_: Any) -> tuple[Any, Any]:
+    """Qwen2.5-VL's 3-D RoPE positions ``(3, B, L)`` and per-row deltas, text resuming after the largest
+    vision position.
+
+    Same signature and result as transformers' ``Qwen2_5_VLModel.get_rope_index`` except one rule: after an
+    image or video, text continues at the largest position of that block + 1, as Qwen2.5-VL was introduced
+    in transformers (PR #35569: "the text start position_ids as the max vision position_ids plus 1") and as
+    vLLM computes it (``Qwen2_5_VLForConditionalGeneration.get_mrope_input_positions``). transformers 5.x
+    advances by ``max(h, w) // merge`` instead, which ignores the temporal extent of a video: for a clip of
+    more than one temporal patch (more than 2 frames) every later position was lower than vLLM's, so a
+    model trained here and served by vLLM (or rolled out by it) saw different positions (found by the
+    vLLM rollout parity test with 4-frame clips). Vision blocks keep transformers' own positions
+    (``get_vision_position_ids``: temporal index x ``tokens_per_second`` x seconds per grid).
+    """
+    import itertools
+
+    import torch
+
+    merge = core.config.vision_config.spatial_merge_size
+    tokens_per_second = core.config.vision_config.tokens_per_second
+    dev = input_ids.device
+    position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype, device=dev)
+    grids = {1: iter(image_grid_thw) if image_grid_thw is not None else None,
+             2: iter(video_grid_thw) if video_grid_thw is not None else None}
+    seconds = iter(second_per_grid_ts) if second_per_grid_ts is not None else itertools.repeat(1)
+    deltas = []
+    for b in range(input_ids.shape[0]):
+        types = mm_token_type_ids[b]
+        keep = attention_mask[b].bool() if attention_mask is not None else None
+        if keep is not None:
+            types = types[keep]
+        pieces, pos = [], 0
+        for kind, group in itertools.groupby(types.tolist()):
+            n = sum(1 for _ in group)
+            if kind == 0:  # text
+                pieces.append(torch.arange(n, device=dev).view(1, -1).expand(3, -1) + pos)
+                pos += n
+                continue
+            grid = next(grids[kind])  # type: ignore[arg-type]
+            interval = tokens_per_second * next(seconds) if kind == 2 else 1
+            vision = core.get_vision_position_ids(pos, grid, 1, merge, interval, device=dev)
+            if vision.shape[1] != n:
+                raise ValueError(f"row {b}: {n} vision tokens but grid {grid.tolist()} gives {vision.shape[1]}")
+            pieces.append(vision)
+            pos = int(vision.max()) + 1
+        positions = torch.cat(pieces, dim=1)
+        if keep is not None:
+            position_ids[:, b, keep] = positions.to(position_ids.dtype)
+        else:
+            position_ids[:, b] = positions.to(position_ids.dtype)
+        deltas.append(int(positions.max()) + 1 - positions.shape[1])
+    return position_ids, torch.tensor(deltas, device=dev).unsqueeze(1)
+
+
+def use_qwen25vl_rope_index(model: Any) -> None:
+    """Install :func:`qwen25vl_rope_index` on a Qwen2.5-VL model's backbone (every caller of
+    ``get_rope_index``: forward, generation, the HF rollout backend). Transformers without
+    ``get_vision_position_ids`` (4.x) already follow the original rule and are left alone."""
+    import types
+
+    core = getattr(model, "model", None)
+    if core is None or not hasattr(core, "get_rope_index") or not hasattr(core, "get_vision_position_ids"):
+        return
+    core.get_rope_index = types.MethodType(qwen25vl_rope_index, core)

