@@ -40,7 +40,8 @@ test: venv
 
 # Optional, needs the package index: vLLM's CPU build in its own venv (.venv-vllm, reusing this venv's
 # torch), then the checks that need real vLLM: its request model validates the annotation client's
-# bodies, and the colocated rollout engine's log-probs equal the learner's (tests/vllm_cpu/setup_venv.py).
+# bodies, and the rollout engine (colocated, and vLLM's OpenAI server) samples with the learner's log-probs
+# (tests/vllm_cpu/setup_venv.py).
 VLLM_VENV := .venv-vllm
 vllm-cpu-venv: $(VLLM_VENV)/.ready
 

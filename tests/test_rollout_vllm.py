@@ -382,6 +382,19 @@ def _vllm_policy(tmp_path, lora: bool):
     return model, proc, mcfg
 
 
+def _assert_learner_logprobs(model, be, example, gens, temperature: float, where: str) -> None:
+    """The engine's log-probs of its sampled tokens equal the learner's forward (float32 both: 1e-3 nats)."""
+    from training.rollout import collate_sequences, completion_logprobs
+
+    batch = collate_sequences([example] * len(gens), [g.token_ids for g in gens], be.eos_id)
+    with torch.no_grad():
+        learner = completion_logprobs(model.eval(), batch, temperature, be.banned_ids)
+    for j, g in enumerate(gens):
+        assert g.logprobs is not None
+        np.testing.assert_allclose(g.logprobs, learner[j, : len(g.token_ids)].numpy(), atol=1e-3,
+                                   err_msg=f"{where}, completion {j}: {g.token_ids.tolist()}")
+
+
 def _perturb(model: torch.nn.Module, seed: int) -> None:
     """Move every trainable tensor (LoRA A/B, action rows; or all weights) as an optimiser step would."""
     gen = torch.Generator().manual_seed(seed)
@@ -406,7 +419,7 @@ def test_colocated_logprobs_match_the_learner(lora, tmp_path):
     as vLLM does (training.model.qwen25vl_rope_index; transformers 5.x's own rule: 1.6e-3 off).
     """
     from annotators.training_prompt import CAMERAS_FOR_MODEL, model_inputs_from_row
-    from training.rollout import collate_sequences, completion_logprobs, make_backend, sample_seed
+    from training.rollout import make_backend, sample_seed
 
     model, proc, mcfg = _vllm_policy(tmp_path, lora)
     rows = [_row_4_frames(0)]
@@ -421,14 +434,8 @@ def test_colocated_logprobs_match_the_learner(lora, tmp_path):
         _perturb(model, seed=version)
         be.sync_weights(model)
         gens = be.generate(rows, ex, [[sample_seed(0, version, 0, g) for g in range(6)]])[0]
-        batch = collate_sequences([ex[0]] * 6, [g.token_ids for g in gens], be.eos_id)
-        with torch.no_grad():
-            learner = completion_logprobs(model.eval(), batch, cfg.temperature, be.banned_ids)
-        for j, g in enumerate(gens):
-            assert g.logprobs is not None
-            np.testing.assert_allclose(g.logprobs, learner[j, : len(g.token_ids)].numpy(), atol=1e-3,
-                                       err_msg=f"policy version {version}, completion {j}: {g.token_ids.tolist()}")
-            sampled_actions += int(((g.token_ids >= action_lo) & (g.token_ids < action_lo + K)).sum())
+        _assert_learner_logprobs(model, be, ex[0], gens, cfg.temperature, f"policy version {version}")
+        sampled_actions += sum(int(((g.token_ids >= action_lo) & (g.token_ids < action_lo + K)).sum()) for g in gens)
     assert sampled_actions > 0  # the pushed action rows were exercised, not only the text vocabulary
 
 
@@ -499,7 +506,7 @@ def test_server_mode_against_a_real_vllm_serve(vllm_server, tmp_path):
     from annotators.training_prompt import CAMERAS_FOR_MODEL, model_inputs_from_row
     from training.grpo import RFTConfig, load_policy
     from training.model import ModelConfig
-    from training.rollout import collate_sequences, completion_logprobs, make_backend, sample_seed
+    from training.rollout import make_backend, sample_seed
 
     url, path = vllm_server
     mcfg = ModelConfig(path=str(path), lora=True, lora_rank=8, lora_alpha=16, num_action_tokens=K)
@@ -516,10 +523,4 @@ def test_server_mode_against_a_real_vllm_serve(vllm_server, tmp_path):
         seeds = [[sample_seed(0, version, i, g) for g in range(3)] for i in range(2)]
         gens = be.generate(rows, ex, seeds)
         for i, row_gens in enumerate(gens):
-            batch = collate_sequences([ex[i]] * 3, [g.token_ids for g in row_gens], be.eos_id)
-            with torch.no_grad():
-                learner = completion_logprobs(model.eval(), batch, cfg.temperature, be.banned_ids)
-            for j, g in enumerate(row_gens):
-                assert g.logprobs is not None
-                np.testing.assert_allclose(g.logprobs, learner[j, : len(g.token_ids)].numpy(), atol=1e-3,
-                                           err_msg=f"version {version}, scene {i}, completion {j}")
+            _assert_learner_logprobs(model, be, ex[i], row_gens, cfg.temperature, f"version {version}, scene {i}")
