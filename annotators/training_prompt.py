@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -226,6 +226,22 @@ def clip_fps(cam: Mapping[str, Any], default: float = 2.0) -> float:
         return default
     dt = (ts[-1] - ts[0]) / (len(ts) - 1) / 1e6
     return 1.0 / dt if dt > 0 else default
+
+
+def request_video_fps(rates: Iterable[float], sample_id: str) -> float | None:
+    """The one frame rate of a request's camera clips (``rates``: :func:`clip_fps` of each), for vLLM's
+    per-request ``media_io_kwargs``.
+
+    vLLM reads a ``video/jpeg`` frame list at 1 fps unless the request (or the server's
+    ``--media-io-kwargs``) says otherwise (vllm/multimodal/media/video.py), and Qwen2.5-VL's temporal
+    positions follow the rate; ``media_io_kwargs`` holds one rate per modality, so cameras at different
+    rates are refused. ``None`` without cameras.
+    """
+    distinct = sorted({round(float(r), 6) for r in rates})
+    if len(distinct) > 1:
+        raise ValueError(f"sample {sample_id!r}: cameras at different frame rates {distinct}; vLLM's "
+                         "media_io_kwargs holds one video fps per request")
+    return distinct[0] if distinct else None
 
 
 def clip_frames(cam: Mapping[str, Any]) -> list[bytes]:

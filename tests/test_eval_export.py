@@ -157,6 +157,8 @@ def test_eval_cli_against_an_openai_compatible_endpoint(env, tmp_path):
     assert req["model"] == "drivevla" and req["temperature"] == 0.0 and req["skip_special_tokens"] is False
     videos = [p for p in req["messages"][1]["content"] if p["type"] == "video_url"]
     assert len(videos) == 4 and videos[0]["video_url"]["url"].startswith("data:video/jpeg;base64,")
+    # the clips' rate: vLLM would read a video/jpeg frame list at 1 fps (vllm/multimodal/media/video.py)
+    assert req["media_io_kwargs"] == {"video": {"fps": 2.0}}
     metrics = json.loads((tmp_path / "ep" / "metrics.json").read_text())
     assert metrics["overall"]["format_rate"] == 1.0 and metrics["nuscenes"]["n"] == 4
 

@@ -23,7 +23,9 @@ from annotators.training_prompt import (
     ROLE_USER,
     SYSTEM_PROMPT,
     build_user_content,
+    clip_fps,
     clip_frames,
+    request_video_fps,
     select_cameras,
 )
 from training import benchmarks
@@ -181,10 +183,13 @@ class EndpointClient:
             raise ValueError(f"endpoint {self.http.base_url} lists no models; pass --served-model")
         return str(data[0]["id"])
 
-    def complete(self, messages: list[dict[str, Any]]) -> str:
-        body = {"model": self.model, "messages": messages, "max_tokens": self.max_new_tokens, "temperature": 0.0,
-                # vLLM sampling extras: keep the <action_i> special tokens in the text, no penalty
-                "skip_special_tokens": False, "repetition_penalty": 1.0}
+    def complete(self, messages: list[dict[str, Any]], fps: float | None = None) -> str:
+        body: dict[str, Any] = {
+            "model": self.model, "messages": messages, "max_tokens": self.max_new_tokens, "temperature": 0.0,
+            # vLLM sampling extras: keep the <action_i> special tokens in the text, no penalty
+            "skip_special_tokens": False, "repetition_penalty": 1.0}
+        if fps is not None:  # the clips' rate (vLLM: needs `vllm serve --trust-request-mm-kwargs`)
+            body["media_io_kwargs"] = {"video": {"fps": fps}}
         resp = self.http.post("/chat/completions", json=body)
         if resp.status_code != 200:
             raise ValueError(f"endpoint {self.http.base_url}: HTTP {resp.status_code}: {resp.text[:300]}")
@@ -199,6 +204,7 @@ class EndpointClient:
         for i in range(n):
             row = rows.raw_row(i)
             t0 = time.perf_counter()
-            text = self.complete(chat_messages(row, cameras))
+            fps = request_video_fps([clip_fps(c) for c in select_cameras(row, cameras)], str(row.get("sample_id")))
+            text = self.complete(chat_messages(row, cameras), fps)
             meta = {c: row.get(c) for c in META_COLUMNS}
             yield make_record(text, meta, k, decode_fn, time.perf_counter() - t0), meta

@@ -16,11 +16,15 @@ What the export directory holds:
   keys ``min_pixels``/``max_pixels``: the same pixel budget as training);
 * ``export_info.json``: source checkpoint, K, and the serve/eval commands.
 
-Serving (not verified here: no GPU/vLLM on the CI machine)::
+Serving (on a GPU not verified here; a tiny export served by vLLM's CPU build answered
+``make eval ENDPOINT=...`` with the same text as the local checkpoint)::
 
     vllm serve out/export --served-model-name drivevla --max-model-len 8192 \\
-        --limit-mm-per-prompt '{"video": 4}'
+        --limit-mm-per-prompt '{"video": 4}' --trust-request-mm-kwargs
     make eval ENDPOINT=http://127.0.0.1:8000/v1 SERVED_MODEL=drivevla
+
+``--trust-request-mm-kwargs``: the eval client states each request's clip frame rate
+(``media_io_kwargs``); vLLM reads a ``video/jpeg`` frame list at 1 fps otherwise.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from training.cli import emit
 log = logging.getLogger(__name__)
 
 SERVE_CMD = ("vllm serve {out} --served-model-name drivevla --max-model-len 8192 "
-             "--limit-mm-per-prompt '{{\"video\": 4}}'")
+             "--limit-mm-per-prompt '{{\"video\": 4}}' --trust-request-mm-kwargs")
 EVAL_CMD = "make eval ENDPOINT=http://127.0.0.1:8000/v1 SERVED_MODEL=drivevla"
 
 

@@ -76,6 +76,7 @@ from annotators.training_prompt import (
     decode_jpeg,
     render_chat_text,
     render_messages,
+    request_video_fps,
     select_cameras,
 )
 from training.rollout import Generation, RolloutConfig, banned_token_ids
@@ -152,12 +153,9 @@ def chat_body(req: PromptRequest, model: str, sampling: Mapping[str, Any]) -> di
     # (vllm/multimodal/media/video.py, ``self.kwargs.get("fps", 1)``); Qwen2.5-VL's temporal M-RoPE
     # positions follow fps, so a 2 Hz clip read at 1 fps gets the same prompt ids but other log-probs.
     # ``media_io_kwargs`` (vLLM's ChatCompletionRequest) is per modality: one rate for every camera.
-    rates = sorted({round(float(f), 6) for f in req.fps})
-    if len(rates) > 1:
-        raise ValueError(f"sample {req.sample_id!r}: cameras at different frame rates {rates}; vLLM's "
-                         "media_io_kwargs holds one video fps per request")
-    if rates:
-        body["media_io_kwargs"] = {"video": {"fps": rates[0]}}
+    fps = request_video_fps(req.fps, req.sample_id)
+    if fps is not None:
+        body["media_io_kwargs"] = {"video": {"fps": fps}}
     return body
 
 
