@@ -28,6 +28,22 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
+# Ray Client's proxy starts one "SpecificServer" per connecting client on the first free port of this
+# range (ray/util/client/server/proxier.py, MIN/MAX_SPECIFIC_SERVER_PORT); with a node, worker or client
+# port of this cluster there, the SpecificServer dies at start ("SpecificServer startup failed", seen
+# once in a full `make test`), so the cluster's ports stay out of it.
+def _specific_server_ports() -> range:
+    try:
+        from ray.util.client.server import proxier
+
+        return range(proxier.MIN_SPECIFIC_SERVER_PORT, proxier.MAX_SPECIFIC_SERVER_PORT)
+    except (ImportError, AttributeError):
+        return range(23000, 24000)
+
+
+SPECIFIC_SERVER_PORTS = _specific_server_ports()
+
+
 def _ephemeral_range() -> tuple[int, int]:
     try:
         lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -66,6 +82,8 @@ def free_ports(n: int, span: int = 0) -> list[int]:
         block = range(start, start + want)
         if any(q in chosen for q in block) or any(c in block for c in chosen):
             continue
+        if start < SPECIFIC_SERVER_PORTS.stop and SPECIFIC_SERVER_PORTS.start < start + want:
+            continue  # Ray Client's proxy starts a server per client on these; a node port there kills it
         if all(_bindable(q) for q in block):
             chosen.append(start)
     if len(chosen) != n:
@@ -143,10 +161,10 @@ class LocalCluster:
     gcs_address: str = ""
     client_address: str = ""
 
-    def _start(self, args: Callable[[], list[str]], cpus: int, attempts: int = 3) -> None:
+    def _start(self, args: Callable[[list[int]], list[str]], cpus: int, attempts: int = 3, extra: int = 0) -> None:
         """Start one `ray start --block` node; retried with fresh ports and a fresh temp dir if it dies starting.
 
-        ``args`` is called per attempt (a head picks its own GCS and client ports). A node
+        ``args`` is called per attempt with ``extra`` more free ports (a head's GCS and client ports). A node
         counts as started once it printed "Ray runtime started." and is still alive a few
         seconds later (a raylet whose agent cannot start dies just after). When every attempt
         fails, the error carries each attempt's `ray start` output and Ray's own error logs.
@@ -154,13 +172,15 @@ class LocalCluster:
         failures = []
         for attempt in range(attempts):
             tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-            w, *p = free_ports(9, span=40)  # the first is the start of a 41-port worker range
+            # one pick for every port of this node (the head's GCS and client ports included), so none
+            # overlap; the last one starts the 41-port worker range that free_ports checked free
+            *p, w = free_ports(8 + extra, span=40)
             cmd = [RAY, "start", "--block", f"--num-cpus={cpus}", "--node-ip-address=127.0.0.1",
                    f"--temp-dir={tmp}", f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
                    f"--dashboard-agent-grpc-port={p[2]}", f"--dashboard-agent-listen-port={p[3]}",
                    f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}",
                    f"--min-worker-port={w}", f"--max-worker-port={w + 40}", "--disable-usage-stats",
-                   f"--dashboard-port={p[6]}", "--object-store-memory=100000000", *args()]  # fmt: skip
+                   f"--dashboard-port={p[6]}", "--object-store-memory=100000000", *args(p[7:])]  # fmt: skip
             log_path = tmp / "ray_start.log"
             log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's life
             proc = subprocess.Popen(
@@ -189,8 +209,8 @@ class LocalCluster:
         return False
 
     def start_head(self, cpus: int = 1) -> None:
-        def args() -> list[str]:
-            gcs, client = free_ports(2)
+        def args(ports: list[int]) -> list[str]:
+            gcs, client = ports
             self.gcs_address = f"127.0.0.1:{gcs}"
             self.client_address = f"ray://127.0.0.1:{client}"
             return [
@@ -200,10 +220,10 @@ class LocalCluster:
                 "--include-dashboard=false",
             ]
 
-        self._start(args, cpus)
+        self._start(args, cpus, extra=2)
 
     def add_node(self, cpus: int = 1) -> None:
-        self._start(lambda: [f"--address={self.gcs_address}"], cpus)
+        self._start(lambda ports: [f"--address={self.gcs_address}"], cpus)
 
     def _check_alive(self) -> None:
         for proc, tmp in zip(self.procs, self.temp_dirs, strict=True):
