@@ -110,6 +110,9 @@ def cluster_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+NODE_HOOKS = REPO / "tests" / "ray_node_hooks"
+
+
 def _alive(p: psutil.Process) -> bool:
     try:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
@@ -160,6 +163,16 @@ class LocalCluster:
     procs: list[subprocess.Popen] = field(default_factory=list)
     gcs_address: str = ""
     client_address: str = ""
+    node_env: dict[str, str] = field(default_factory=dict)  # more environment for the `ray start` processes
+    # with fault hooks on (see tests/ray_node_hooks/sitecustomize.py), touching this file makes the
+    # next Ray Client server the head starts for a driver die at start
+    fail_client_server: Path | None = None
+
+    def enable_fault_hooks(self) -> None:
+        """Put the fault hooks on the PYTHONPATH of the nodes started after this call (inert until armed)."""
+        self.fail_client_server = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp")) / "fail-next-client-server"
+        self.node_env["PYTHONPATH"] = os.pathsep.join([str(NODE_HOOKS), str(REPO), str(REPO / "tests")])
+        self.node_env["DRIVEVLA_TEST_FAIL_CLIENT_SERVER"] = str(self.fail_client_server)
 
     def _start(self, args: Callable[[list[int]], list[str]], cpus: int, attempts: int = 3, extra: int = 0) -> None:
         """Start one `ray start --block` node; retried with fresh ports and a fresh temp dir if it dies starting.
@@ -184,7 +197,7 @@ class LocalCluster:
             log_path = tmp / "ray_start.log"
             log = open(log_path, "wb")  # noqa: SIM115 - kept open for the process's life
             proc = subprocess.Popen(
-                cmd, env=cluster_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, env=cluster_env(self.node_env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
             if self._came_up(proc, log_path):
                 self.temp_dirs.append(tmp)
@@ -299,4 +312,6 @@ class LocalCluster:
                 pass
         for t in self.temp_dirs:
             shutil.rmtree(t, ignore_errors=True)
+        if self.fail_client_server is not None:
+            shutil.rmtree(self.fail_client_server.parent, ignore_errors=True)
         del left

@@ -50,9 +50,42 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address:
         # the secret-free address only; a ray:// URL carries no credentials
         log.info("connecting to Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        _connect(address)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+
+
+# What Ray Client's proxy answers when the server process it starts for each new driver (a
+# "SpecificServer") died at start or never answered (ray/util/client/server/proxier.py, Datapath).
+# The proxy frees that server's port and starts a new one for the next connection, so a new
+# connection can succeed; seen under load on 2-core CI machines, where the process died within
+# milliseconds of its fork, with nothing in its log.
+_CLIENT_SERVER_START_FAILURES = ("Starting Ray client server failed", "Proxy failed to Connect to backend")
+CLIENT_CONNECT_ATTEMPTS = 3
+
+
+def _connect(address: str, attempts: int = CLIENT_CONNECT_ATTEMPTS, backoff_s: float = 2.0) -> None:
+    """``ray.init(address)``; a ``ray://`` connection whose per-driver server failed to start is retried.
+
+    Only that proxy-side start failure is retried, each time with a warning that names it;
+    any other error (wrong address, version mismatch, authentication) is raised at once.
+    """
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, log_to_driver=True)
+            return
+        except ConnectionAbortedError as exc:
+            start_failed = any(m in str(exc) for m in _CLIENT_SERVER_START_FAILURES)
+            if not (address.startswith("ray://") and start_failed) or attempt == attempts:
+                raise
+            log.warning(
+                "Ray Client at %s: the cluster could not start a server process for this driver "
+                "(attempt %d of %d; its head node's logs ray_client_server*.err may say why); connecting again",
+                address, attempt, attempts,
+            )  # fmt: skip
+            time.sleep(backoff_s * attempt)
 
 
 def is_client_mode() -> bool:
