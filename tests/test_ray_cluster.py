@@ -62,8 +62,13 @@ def test_cluster_address_runs_and_matches_local(head, sample_data, local_extract
 
 @pytest.fixture(scope="module")
 def faulty_head():
-    """A head whose next Ray Client server dies at start when armed; its proxy waits Ray's default 30 s for one, not 180 s."""
-    c = LocalCluster(node_env={"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "30"})
+    """A head whose next Ray Client server dies at start when armed.
+
+    Its proxy waits 60 s for a server's channel (Ray's default is 30 s; the other clusters here wait
+    180 s): the dead server costs the whole wait, and the retried one must come up within it on a busy
+    2-core CI machine.
+    """
+    c = LocalCluster(node_env={"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "60"})
     c.enable_fault_hooks()
     try:
         c.start_head(cpus=2)
