@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _net import free_port
 
 from pipelines.cli import main as cli
 from pipelines.core.shards import list_shards, read_table
@@ -45,12 +46,6 @@ if not EMULATOR.exists():
     pytest.skip("gcp-storage-emulator (dev extra) is not installed", allow_module_level=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _steps(data: str, engine: str) -> list[list[str]]:
     return [
         ["extract", "--dataset", "waymo_e2e", "--out", data, "--engine", engine, "--set", "units_per_partition=1"],
@@ -62,7 +57,7 @@ def _steps(data: str, engine: str) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def gcs_env():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(EMULATOR), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:

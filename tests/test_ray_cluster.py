@@ -22,15 +22,19 @@ from pipelines.core.shards import read_table
 pytestmark = pytest.mark.slow  # each test starts Ray processes (about 20-60 s each on 2 busy cores)
 
 
-@pytest.fixture(scope="module")
-def head():
-    c = LocalCluster()
+def _one_node(c: LocalCluster):
+    """Start ``c``'s head (2 CPUs) and yield it once it has registered; stopped afterwards."""
     try:
         c.start_head(cpus=2)
         c.wait_nodes(1)
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def head():
+    yield from _one_node(LocalCluster())
 
 
 def _extract(root, src, engine, env_extra=None):
@@ -70,12 +74,7 @@ def faulty_head():
     """
     c = LocalCluster(node_env={"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "60"})
     c.enable_fault_hooks()
-    try:
-        c.start_head(cpus=2)
-        c.wait_nodes(1)
-        yield c
-    finally:
-        c.stop()
+    yield from _one_node(c)
 
 
 def test_client_connect_is_retried_when_the_server_started_for_it_dies(faulty_head, sample_data, local_extract, tmp_path):

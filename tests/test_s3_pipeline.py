@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from _net import free_port
 
 pytest.importorskip("moto.server", reason="moto[server] (dev extra) runs the S3-compatible test server")
 
@@ -34,18 +34,12 @@ BUCKET = "drivevla-test"
 EXTRACT_SET = ["--set", "units_per_partition=1"]  # several partitions, so a kill lands between commits
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3(sample_data):
     """A moto S3 server on 127.0.0.1 with the WOD-E2E sample uploaded to s3://BUCKET/input/waymo_e2e."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {

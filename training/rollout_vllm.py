@@ -266,18 +266,19 @@ class WeightSync:
         self.version = 0
         self.adapters: list[tuple[str, Path]] = []
 
-    def next_adapter(self, model: Any) -> tuple[str, int, Path]:
+    def next_adapter(self, model: Any, *, without_token_rows: bool) -> tuple[str, int, Path]:
         """Save the current adapter as ``<adapter_dir>/v<version>``; returns (name, id, path).
 
         vLLM loads LoRA adapters of ``lora_A``/``lora_B`` (and embedding) weights only: it refuses
         peft's trainable-token rows ("... trainable_tokens_delta is unsupported LoRA weight",
-        vllm/lora/utils.py). They are left out of the saved adapter; :meth:`token_rows` gives the
-        tensors that carry them, which the colocated engine loads as base weights.
+        vllm/lora/utils.py). ``without_token_rows`` (the model has :meth:`token_layers`): they are
+        left out of the saved adapter; :meth:`token_rows` gives the tensors that carry them, which the
+        colocated engine loads as base weights.
         """
         self.version += 1
         path = self.adapter_dir / f"v{self.version:07d}"
         getattr(model, "module", model).save_pretrained(str(path))  # peft: the adapter only
-        if self.token_layers(model):
+        if without_token_rows:
             strip_token_rows(path)
         name = f"{ADAPTER_PREFIX}{self.version}"
         self.adapters.append((name, path))
@@ -294,12 +295,11 @@ class WeightSync:
                     out.append((weight, mod))
         return out
 
-    @classmethod
-    def token_rows(cls, model: Any) -> list[tuple[str, torch.Tensor]]:
-        """(checkpoint name, whole weight with the current trained rows) of each trainable-tokens layer."""
+    @staticmethod
+    def token_rows(layers: list[tuple[str, Any]]) -> list[tuple[str, torch.Tensor]]:
+        """(checkpoint name, whole weight with the current trained rows) of each of :meth:`token_layers`."""
         with torch.no_grad():
-            return [(name, layer.get_merged_weights(layer.active_adapters).detach())
-                    for name, layer in cls.token_layers(model)]
+            return [(name, layer.get_merged_weights(layer.active_adapters).detach()) for name, layer in layers]
 
     def retired(self) -> list[tuple[str, Path]]:
         """Adapters older than the last ``keep``: unload them from the engine, then :meth:`drop` them."""
@@ -498,7 +498,7 @@ class VLLMBackend:
         return sampling_kwargs(self.cfg, seed, self.eos_id, self.banned_ids)
 
     def _generate_server(self, reqs: list[PromptRequest], jobs: list[tuple[int, int]]) -> list[Generation]:
-        name, _, path = self.sync.next_adapter(self.model)
+        name, _, path = self.sync.next_adapter(self.model, without_token_rows=False)  # __init__ refused them
         self.engine.load_adapter(name, path)
         for old, _ in self.sync.retired():
             self.engine.unload_adapter(old)
@@ -522,12 +522,12 @@ class VLLMBackend:
             eng.wake(["kv_cache"])
         else:
             eng.wake()
-            lora = self.sync.next_adapter(self.model)
+            layers = WeightSync.token_layers(self.model)
+            lora = self.sync.next_adapter(self.model, without_token_rows=bool(layers))
             for old, _ in self.sync.retired():
                 self.sync.drop(old)
-            rows = WeightSync.token_rows(self.model)
-            if rows:  # the trained action-token rows, which the adapter cannot carry, into the base weights
-                eng.load_weights(iter(rows), partial=True)
+            if layers:  # the trained action-token rows, which the adapter cannot carry, into the base weights
+                eng.load_weights(iter(WeightSync.token_rows(layers)), partial=True)
         try:
             videos = [[video_item(cam, fps) for cam, fps in zip(r.jpegs, r.fps, strict=True)] for r in reqs]
             prompts = [{"prompt": reqs[i].prompt, "multi_modal_data": {"video": videos[i]}} for i, _ in jobs]
@@ -547,7 +547,7 @@ def engine_dtype(setting: str, precision: str) -> str:
     """The colocated engine's dtype: ``rollout.vllm.dtype``, where ``auto`` means the learner's precision."""
     if setting != "auto":
         return setting
-    return {"bf16": "bfloat16", "fp32": "float32"}.get(precision, "bfloat16")
+    return {"bf16": "bfloat16", "fp32": "float32"}[precision]  # RFTConfig allows these two only
 
 
 def _count_action_tokens(tokenizer: Any) -> int:
